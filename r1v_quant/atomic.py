@@ -1,0 +1,76 @@
+"""Atomic outputs: write under a temporary name, rename into place only when complete.
+
+An interrupted run (Ctrl-C, kill, full disk) therefore never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from r1v_quant.errors import R1VError
+
+
+def check_output_dir(path: Path, *, allow_existing_empty: bool = True) -> None:
+    """Refuse to overwrite: an existing non-empty output directory is a user mistake."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise R1VError(f"{path}: exists and is not a directory")
+        if not allow_existing_empty or any(path.iterdir()):
+            raise R1VError(f"{path}: output directory is not empty (choose another --out or remove it)")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `final` on success, delete it on failure."""
+    final = Path(final)
+    check_output_dir(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()  # empty (checked above); rename needs it gone
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(e, final) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; `os.replace` it into place on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(e, final) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def _os_error(e: OSError, where: Path) -> R1VError:
+    if e.errno == errno.ENOSPC:
+        return R1VError(f"{where}: no space left on device (nothing was written under the final name)")
+    return R1VError(f"{where}: {e.strerror or e}")

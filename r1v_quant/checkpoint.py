@@ -1,0 +1,288 @@
+"""Streaming checkpoint IO: memory-mapped safetensors shards, one tensor or one layer at a time.
+
+Nothing here ever holds a whole checkpoint: `Checkpoint.get` maps one tensor out of its shard and
+`Checkpoint.layer` returns one decoder (or ViT) layer. Checkpoints are read as data only: safetensors and
+JSON, never pickle and never remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from r1v_quant.atomic import atomic_file
+from r1v_quant.errors import CheckpointError, R1VError
+from r1v_quant.spec import LLM_PREFIX, VIT_PREFIX, ModelSpec, load_spec
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES.get(self.dtype, 4)
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check the file really holds every byte it promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path.name}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path.name}: truncated or corrupt safetensors header")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"missing shard {path.name} (named in the index)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path.name}: truncated shard ({size} bytes on disk, header promises {8 + n + end})"
+        )
+    return header
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """Resolve a shard name from an index, refusing anything that escapes the model directory."""
+    p = (root / rel).resolve()
+    if os.path.isabs(rel) or root.resolve() not in p.parents:
+        raise CheckpointError(f"index names a shard outside the model directory: {rel!r} (refused)")
+    return p
+
+
+class Checkpoint:
+    """A model directory: config.json + safetensors shards (+ index), opened lazily and memory-mapped."""
+
+    def __init__(self, path: Path | str, *, flavor: str | None = None, require_weights: bool = True):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such directory")
+        self.spec: ModelSpec = load_spec(self.path, flavor=flavor)
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[str, Any] = {}
+        self.weight_map = self._read_weight_map()
+        self.has_weights = False
+        if self.weight_map is None:
+            if require_weights:
+                raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
+            self.weight_map = {}
+        else:
+            self.has_weights = self._scan_shards(require_weights)
+
+    # -- discovery ---------------------------------------------------------------------------------------
+    def _read_weight_map(self) -> dict[str, str] | None:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text())
+                wm = data["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index.name}: not a valid safetensors index") from None
+            for shard in set(wm.values()):
+                _inside(self.path, shard)
+                if shard.endswith(PICKLE_SUFFIXES):
+                    raise CheckpointError(f"index names pickle weights {shard!r}: refused (never unpickled)")
+            return dict(wm)
+        if (self.path / SINGLE_NAME).is_file():
+            header = read_header(self.path / SINGLE_NAME)
+            return {k: SINGLE_NAME for k in header if k != "__metadata__"}
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{self.path}: only pickle weights ({pickles[0]}): refused, pickle can run code on load; "
+                "convert to safetensors first"
+            )
+        return None
+
+    def _scan_shards(self, require: bool) -> bool:
+        shards = sorted(set(self.weight_map.values()))
+        present = [s for s in shards if (self.path / s).is_file()]
+        if not present and not require:
+            return False  # a config + index only directory (e.g. to inspect the real 38B layout)
+        for shard in shards:
+            header = read_header(_inside(self.path, shard))
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    self._infos[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), shard)
+        for name, shard in self.weight_map.items():
+            info = self._infos.get(name)
+            if info is None or info.shard != shard:
+                raise CheckpointError(
+                    f"index names tensor {name!r} in {shard}, but the shard does not hold it"
+                )
+        return True
+
+    # -- access ------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._infos:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint")
+        return self._infos[name]
+
+    def _handle(self, shard: str) -> Any:
+        h = self._handles.get(shard)
+        if h is None:
+            try:
+                h = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{shard}: cannot open ({e})") from None
+            self._handles[shard] = h
+        return h
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read out of its memory-mapped shard (the rest of the shard stays on disk)."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint")
+        return self._handle(shard).get_tensor(name)
+
+    def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {n: self.get(n) for n in names}
+
+    def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors under `prefix.` with the prefix stripped."""
+        p = prefix + "."
+        return {n[len(p) :]: self.get(n) for n in self.weight_map if n.startswith(p)}
+
+    def layer(self, i: int, *, vision: bool = False) -> dict[str, torch.Tensor]:
+        """One decoder layer (or ViT layer): the unit of streaming."""
+        prefix = f"{VIT_PREFIX if vision else LLM_PREFIX}.{i}"
+        out = self.with_prefix(prefix)
+        if not out:
+            raise CheckpointError(f"layer {prefix} is not in the checkpoint")
+        return out
+
+    def iter_layers(self, *, vision: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        n = self.spec.vision.num_layers if vision else self.spec.llm.num_layers
+        for i in range(n):
+            yield i, self.layer(i, vision=vision)
+
+    def validate(self) -> None:
+        """Every tensor the spec expects is present with the expected shape."""
+        if self.spec.is_quantized:
+            return  # quantized checkpoints are validated by their own loader
+        for name, shape in self.spec.tensor_shapes().items():
+            if name not in self._infos:
+                raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+            if self._infos[name].shape != shape:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {list(self._infos[name].shape)}, config implies {list(shape)}"
+                )
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+
+def open_checkpoint(path: Path | str, *, flavor: str | None = None, validate: bool = True) -> Checkpoint:
+    ckpt = Checkpoint(path, flavor=flavor)
+    if validate:
+        ckpt.validate()
+    return ckpt
+
+
+class ShardedWriter:
+    """Write tensors into size-capped safetensors shards + index, each shard renamed into place when full.
+
+    Shards are written as `model-XXXXX.safetensors.partial` and renamed to the final
+    `model-0000i-of-0000N.safetensors` names (N is only known at the end) by `close()`, which writes the
+    index last: a directory without an index is never mistaken for a finished checkpoint.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path | str,
+        *,
+        max_shard_bytes: int = 4 * 1024**3,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in names for _, names in self._shards):
+            raise R1VError(f"tensor {name!r} written twice")
+        t = tensor.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self._total += nbytes
+
+    def add_many(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.add(k, v)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.out_dir / f"model-{len(self._shards) + 1:05d}.safetensors.partial"
+        with atomic_file(path) as tmp:
+            save_file(self._pending, str(tmp), metadata=self.metadata)
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        self.flush()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(self._shards, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.out_dir / final)
+            weight_map.update({k: final for k in names})
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+        with atomic_file(self.out_dir / INDEX_NAME) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map

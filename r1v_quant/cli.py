@@ -1,0 +1,134 @@
+"""`r1v-quant` command line. Thin: parses options, calls the library, prints text or --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from r1v_quant import __version__
+from r1v_quant.errors import R1VError
+
+
+class Group(click.Group):
+    """User mistakes become one line on stderr and exit code 2; Ctrl-C exits 130. No tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except R1VError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="r1v-quant")
+def main() -> None:
+    """Quantize Skywork-R1V (InternViT + mlp1 + Qwen2) for one GPU or a CPU laptop."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--flavor", type=click.Choice(["r1v", "r1v2", "r1v3"]), default="r1v", show_default=True)
+@click.option(
+    "--vit",
+    type=click.Choice(["rms", "layernorm"]),
+    default="layernorm",
+    show_default=True,
+    help="rms: InternViT-6B style (RMSNorm, q/k-norm); layernorm: InternViT-300M style.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps (0: untrained).")
+@click.option("--layers", "llm_layers", type=int, default=4, show_default=True, help="Decoder layers.")
+@click.option("--no-outliers", is_flag=True, help="Skip the function-preserving outlier channels.")
+@click.option("--json", "as_json", is_flag=True)
+def tiny(
+    out: Path, flavor: str, vit: str, seed: int, steps: int, llm_layers: int, no_outliers: bool, as_json: bool
+) -> None:
+    """Build the tiny Skywork-R1V replica (trained briefly on generated data) into OUT."""
+    from tqdm import tqdm
+
+    from r1v_quant.atomic import check_output_dir
+    from r1v_quant.tiny import TinyOptions, build_tiny
+
+    check_output_dir(out)
+
+    opts = TinyOptions(
+        flavor=flavor, vit=vit, seed=seed, steps=steps, llm_layers=llm_layers, outliers=not no_outliers
+    )
+    with tqdm(total=steps, desc="training tiny replica", unit="step", disable=as_json or steps == 0) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        report = build_tiny(out, opts, progress)
+    report["path"] = str(out)
+    _emit(
+        report,
+        as_json,
+        f"wrote {out} ({flavor}, vit {vit}, vocab {report['vocab']}, final loss "
+        f"{report['loss_last'] or float('nan'):.3f}, {report['seconds']} s)",
+    )
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--flavor", type=click.Choice(["r1v", "r1v2", "r1v3"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model: Path, flavor: str | None, as_json: bool) -> None:
+    """Architecture, parameters per component, dtypes and weight memory per format."""
+    from r1v_quant.inspect_model import format_report, inspect_model
+
+    report = inspect_model(model, flavor=flavor)
+    _emit(report, as_json, format_report(report))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="Question; '<image>' marks where images go.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file(s).")
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--no-think", is_flag=True, help="Do not open a <think> section in the prompt.")
+@click.option("--flavor", type=click.Choice(["r1v", "r1v2", "r1v3"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def generate(
+    model: Path,
+    prompt: str,
+    images: tuple[Path, ...],
+    system: str | None,
+    max_new_tokens: int,
+    no_think: bool,
+    flavor: str | None,
+    as_json: bool,
+) -> None:
+    """Greedy answer from the torch reference forward (16-bit checkpoint)."""
+    from r1v_quant.generate import answer
+
+    result = answer(
+        model,
+        prompt,
+        list(images),
+        system=system,
+        max_new_tokens=max_new_tokens,
+        think=not no_think,
+        flavor=flavor,
+        stream=None if as_json else lambda s: click.echo(s, nl=False),
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

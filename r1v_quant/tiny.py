@@ -1,0 +1,372 @@
+"""The built-in tiny Skywork-R1V replica: real config keys, tensor names, tokenizer rules and templates.
+
+Widths are small (ViT 128, LLM 256) but chosen so that AWQ's 128-groups and llama.cpp's 256-blocks divide
+every linear input, the LLM uses GQA (4 query heads on 2 KV heads) and a tile is still 448 px -> 256 tokens.
+
+The weights behave like a trained model because they are one: the LLM and mlp1 are trained for a few
+hundred steps on generated reasoning problems (text, and questions about rendered coloured shapes seen
+through the frozen, randomly initialised vision tower). Then, as real LLMs show, a few channels are made
+outliers without changing the function: those channels of both RMSNorm weights are multiplied by 50 and
+the matching input columns of q/k/v/gate/up divided by 50. The 16-bit outputs stay the same, but every
+quantized linear now sees outlier input channels (REFERENCE §6 explains why this matters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from r1v_quant import __version__
+from r1v_quant.atomic import atomic_dir
+from r1v_quant.checkpoint import ShardedWriter
+from r1v_quant.errors import R1VError
+from r1v_quant.model import R1VModel
+from r1v_quant.spec import FLAVORS, TokenIds, parse_config
+from r1v_quant.synthdata import COLORS, SHAPES, image_problems, render_shape, text_problems
+
+VIT_VARIANTS = ("rms", "layernorm")
+OUTLIER_SCALE = 50.0
+NUM_OUTLIERS = 4
+IMAGE_EVERY = 2  # every other training step is an image question
+
+
+@dataclass(frozen=True)
+class TinyOptions:
+    flavor: str = "r1v"
+    vit: str = "layernorm"
+    seed: int = 0
+    steps: int = 300
+    vocab_size: int = 2048
+    llm_layers: int = 4
+    outliers: bool = True
+
+
+def tiny_config(
+    flavor: str, vit: str, *, vocab_size: int, bos: int | None, eos: int | None, llm_layers: int = 4
+) -> dict:
+    """config.json with every key of a real R1V checkpoint, at tiny sizes."""
+    rms = vit == "rms"
+    vision = {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "patch_size": 14,
+        "image_size": 448,
+        "num_channels": 3,
+        "qkv_bias": not rms,
+        "qk_normalization": rms,
+        "norm_type": "rms_norm" if rms else "layer_norm",
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "initializer_factor": 0.1,
+        "initializer_range": 1e-10,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "drop_path_rate": 0.0,
+        "use_flash_attn": False,
+        "torch_dtype": "bfloat16",
+    }
+    llm = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": llm_layers,
+        "max_window_layers": llm_layers,
+        "vocab_size": vocab_size,
+        "hidden_act": "silu",
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 32768,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "use_cache": True,
+        "torch_dtype": "bfloat16",
+    }
+    cfg = {
+        "architectures": ["SkyworkR1VChatModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_skywork_chat.SkyworkChatConfig",
+            "AutoModel": "modeling_skywork_chat.SkyworkChatModel",
+            "AutoModelForCausalLM": "modeling_skywork_chat.SkyworkChatModel",
+        },
+        "model_type": "skywork_chat",
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": 448,
+        "hidden_size": 256,
+        "select_layer": -1,
+        "ps_version": "v2",
+        "template": FLAVORS[flavor].template_names[0],
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.37.2",
+        "vision_config": vision,
+        "llm_config": llm,
+    }
+    if flavor == "r1v3":
+        cfg.update({"freeze_adapter": False, "freeze_llm": False, "freeze_vision": False})
+    return cfg
+
+
+PREPROCESSOR_CONFIG = {
+    "crop_size": 448,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 448,
+}
+
+# Remote-code stand-in: real checkpoints ship such .py files for `trust_remote_code`. r1v-quant never
+# imports them; the exporters copy them unchanged, so the replica carries one to exercise that path.
+REMOTE_CODE = '''"""Configuration for SkyworkChatModel (tiny replica; r1v-quant never runs it)."""
+from transformers import PretrainedConfig
+
+
+class SkyworkChatConfig(PretrainedConfig):
+    model_type = "skywork_chat"
+    is_composition = True
+
+    def __init__(self, vision_config=None, llm_config=None, **kwargs):
+        super().__init__(**kwargs)
+        self.vision_config = vision_config or {}
+        self.llm_config = llm_config or {}
+'''
+
+
+def _corpus(seed: int) -> list[str]:
+    from r1v_quant.tiny_tokenizer import tiny_corpus_extra
+
+    texts = [f"{p.question}\n{p.response()}" for p in text_problems(3000, seed + 1)]
+    texts += [f"{p.question}\n{p.response()}" for p in image_problems(200, seed + 2)]
+    return texts + tiny_corpus_extra()
+
+
+def _init_weights(model: R1VModel, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("ls1", "ls2")):
+            torch.nn.init.constant_(p, 0.1)  # InternViT initializer_factor
+        elif "norm" in name or name.startswith("mlp1.0"):
+            torch.nn.init.constant_(p, 0.0 if name.endswith("bias") else 1.0)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+class _Batches:
+    """Token batches of text and image problems in the flavour's own chat template."""
+
+    def __init__(self, model_dir: Path, flavor: str, seed: int, n_image_ids: int):
+        from r1v_quant.preprocess import image_placeholder
+        from r1v_quant.prompts import CHAT_FORMATS, build_prompt
+        from r1v_quant.tokenizer import R1VTokenizer
+
+        self.tok = R1VTokenizer.from_dir(model_dir)
+        stop = CHAT_FORMATS[flavor].stop_tokens[0]
+        self.pad = self.tok.token_to_id(stop)
+
+        def sample(question: str, response: str) -> list[int]:
+            prompt = build_prompt(flavor, [{"role": "user", "content": question}])
+            return self.tok.encode(prompt + response + stop)
+
+        self.text = [sample(p.question, p.response()) for p in text_problems(4000, seed + 10)]
+        self.images = []
+        keys = [(c, s) for c in COLORS for s in SHAPES]
+        placeholder = image_placeholder(1, n_image_ids)
+        for p in image_problems(600, seed + 11):
+            ids = sample(f"<image>\n{p.question}".replace("<image>", placeholder), p.response())
+            self.images.append((ids, keys.index((p.color, p.shape))))
+        self.rng = random.Random(seed)
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = True
+        return ids, mask
+
+    def text_batch(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pad(self.rng.sample(self.text, bs))
+
+    def image_batch(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        picks = self.rng.sample(self.images, bs)
+        ids, mask = self._pad([p[0] for p in picks])
+        return ids, mask, [p[1] for p in picks]
+
+
+def _vision_features(model: R1VModel) -> torch.Tensor:
+    """Pixel-shuffled ViT features (before mlp1) of every colour x shape picture (the ViT is frozen)."""
+    from r1v_quant.preprocess import preprocess_image
+    from r1v_quant.vision import pixel_shuffle
+
+    spec = model.spec
+    pix = torch.cat([preprocess_image(render_shape(c, s)).pixel_values for c in COLORS for s in SHAPES])
+    with torch.no_grad():
+        x = model.vision_model(pix)[:, 1:, :]
+        n, t, c = x.shape
+        side = int(t**0.5)
+        x = pixel_shuffle(x.reshape(n, side, side, c), spec.downsample_ratio, spec.ps_version)
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def train(
+    model: R1VModel,
+    batches: _Batches,
+    steps: int,
+    seed: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    torch.manual_seed(seed)
+    feats = _vision_features(model)
+    for p in model.vision_model.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the projector learns faster so that image answers emerge within a short run
+    groups = [
+        {"params": list(model.language_model.parameters()), "lr": 3e-3},
+        {"params": list(model.mlp1.parameters()), "lr": 1e-2},
+    ]
+    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    lm, ctx = model.language_model, model.spec.tokens.img_context
+    losses = []
+    for step in range(steps):
+        if step % IMAGE_EVERY == IMAGE_EVERY - 1:
+            ids, mask, which = batches.image_batch(4)
+            emb = lm.model.embed_tokens(ids)
+            img = model.mlp1(feats[which]).reshape(-1, emb.shape[-1])
+            sel = ids == ctx
+            emb = emb.masked_scatter(sel[..., None], img.to(emb.dtype))
+            mask = mask & ~sel  # no loss on predicting image placeholders
+        else:
+            ids, mask = batches.text_batch(8)
+            emb = lm.model.embed_tokens(ids)
+        logits = lm.logits(lm.forward_embeds(emb))
+        target_mask = mask[:, 1:]
+        loss = F.cross_entropy(logits[:, :-1][target_mask], ids[:, 1:][target_mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(step, losses[-1])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def add_outlier_channels(model: R1VModel, channels: list[int], scale: float = OUTLIER_SCALE) -> None:
+    """Function-preserving outliers: norm weight x scale on `channels`, consuming input columns / scale."""
+    for layer in model.language_model.model.layers:
+        layer.input_layernorm.weight[channels] *= scale
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            lin.weight[:, channels] /= scale
+        layer.post_attention_layernorm.weight[channels] *= scale
+        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            lin.weight[:, channels] /= scale
+
+
+def build_tiny(
+    out: Path | str, opts: TinyOptions = TinyOptions(), progress: Callable[[int, float], None] | None = None
+) -> dict:
+    """Write a complete tiny checkpoint directory atomically; returns a small build report."""
+    from r1v_quant.prompts import CHAT_FORMATS
+    from r1v_quant.tiny_tokenizer import build_tiny_tokenizer
+    from r1v_quant.tokenizer import R1VTokenizer
+
+    if opts.flavor not in FLAVORS:
+        raise R1VError(f"unknown flavour {opts.flavor!r}: expected one of {', '.join(FLAVORS)}")
+    if opts.vit not in VIT_VARIANTS:
+        raise R1VError(f"unknown --vit {opts.vit!r}: expected rms or layernorm")
+    t0 = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    with atomic_dir(out) as tmp:
+        build_tiny_tokenizer(tmp, opts.flavor, _corpus(opts.seed), vocab_size=opts.vocab_size)
+        tok = R1VTokenizer.from_dir(tmp)
+        fmt = CHAT_FORMATS[opts.flavor]
+        bos = tok.token_to_id(tok.bos_token) if tok.bos_token else tok.token_to_id("<|endoftext|>")
+        eos = tok.token_to_id(fmt.stop_tokens[0])
+        cfg = tiny_config(
+            opts.flavor, opts.vit, vocab_size=len(tok), bos=bos, eos=eos, llm_layers=opts.llm_layers
+        )
+        tokens = TokenIds(
+            tok.img_context_id, tok.img_start_id, tok.img_end_id, tok.think_start_id, tok.think_end_id
+        )
+        spec = parse_config(cfg, flavor=opts.flavor, tokens=tokens)
+        model = R1VModel(spec)
+        _init_weights(model, opts.seed)
+        batches = _Batches(tmp, opts.flavor, opts.seed, spec.num_image_token)
+        losses = train(model, batches, opts.steps, opts.seed, progress) if opts.steps else []
+        g = random.Random(opts.seed)
+        channels = sorted(g.sample(range(spec.llm.hidden_size), NUM_OUTLIERS)) if opts.outliers else []
+        if channels:
+            add_outlier_channels(model, channels)
+
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        gen = {
+            "_from_model_config": True,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "transformers_version": "4.37.2",
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+        (tmp / "configuration_skywork_chat.py").write_text(REMOTE_CODE)
+        state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+        total = sum(v.numel() * 2 for v in state.values())
+        writer = ShardedWriter(
+            tmp, max_shard_bytes=total // 3 + 1, metadata={"producer": f"r1v-quant {__version__} tiny"}
+        )
+        for name in spec.tensor_shapes():  # checkpoint order: vision, mlp1, embeddings, layers, norm, lm_head
+            writer.add(name, state[name])
+        writer.close()
+        report = {
+            "flavor": opts.flavor,
+            "vit": opts.vit,
+            "seed": opts.seed,
+            "steps": opts.steps,
+            "vocab": len(tok),
+            "outlier_channels": channels,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-10:]) / 10 if losses else None,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "tiny_build.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
