@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1v_quant.atomic import atomic_file
@@ -28,20 +28,12 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_BYTES = {k: v.itemsize for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -50,6 +42,8 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     shard: str
+    start: int = 0  # absolute byte offset of the data in the shard file
+    end: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +71,7 @@ def read_header(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path.name}: truncated shard ({size} bytes on disk, header promises {8 + n + end})"
         )
+    header["__data_start__"] = 8 + n
     return header
 
 
@@ -97,7 +92,6 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no such directory")
         self.spec: ModelSpec = load_spec(self.path, flavor=flavor)
         self._infos: dict[str, TensorInfo] = {}
-        self._handles: dict[str, Any] = {}
         self.weight_map = self._read_weight_map()
         self.has_weights = False
         if self.weight_map is None:
@@ -123,7 +117,7 @@ class Checkpoint:
             return dict(wm)
         if (self.path / SINGLE_NAME).is_file():
             header = read_header(self.path / SINGLE_NAME)
-            return {k: SINGLE_NAME for k in header if k != "__metadata__"}
+            return {k: SINGLE_NAME for k in header if k not in ("__metadata__", "__data_start__")}
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise CheckpointError(
@@ -139,9 +133,14 @@ class Checkpoint:
             return False  # a config + index only directory (e.g. to inspect the real 38B layout)
         for shard in shards:
             header = read_header(_inside(self.path, shard))
+            base = header.pop("__data_start__")
             for name, meta in header.items():
                 if name != "__metadata__":
-                    self._infos[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), shard)
+                    b, e = meta["data_offsets"]
+                    info = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), shard, base + b, base + e)
+                    if info.dtype not in TORCH_DTYPES or info.end - info.start != info.nbytes:
+                        raise CheckpointError(f"{shard}: tensor {name!r} has a bad dtype or size")
+                    self._infos[name] = info
         for name, shard in self.weight_map.items():
             info = self._infos.get(name)
             if info is None or info.shard != shard:
@@ -162,22 +161,27 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint")
         return self._infos[name]
 
-    def _handle(self, shard: str) -> Any:
-        h = self._handles.get(shard)
-        if h is None:
-            try:
-                h = safe_open(str(self.path / shard), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{shard}: cannot open ({e})") from None
-            self._handles[shard] = h
-        return h
-
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read out of its memory-mapped shard (the rest of the shard stays on disk)."""
-        shard = self.weight_map.get(name)
-        if shard is None:
+        """One tensor, copied out of a short-lived memory map of its byte range.
+
+        The map is closed right after the copy, so the shard's pages never stay mapped into this process:
+        resident memory tracks the tensors the caller keeps, not the shards it has read (a long-lived
+        mmap of a 4 GB shard would keep every touched page counted in RSS).
+        """
+        if name not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint")
-        return self._handle(shard).get_tensor(name)
+        info = self.info(name)
+        dtype = TORCH_DTYPES[info.dtype]
+        if info.end == info.start:
+            return torch.empty(info.shape, dtype=dtype)
+        page = mmap.ALLOCATIONGRANULARITY
+        offset = info.start // page * page
+        with (
+            open(self.path / info.shard, "rb") as f,
+            mmap.mmap(f.fileno(), info.end - offset, access=mmap.ACCESS_READ, offset=offset) as mm,
+        ):
+            buf = bytearray(mm[info.start - offset : info.end - offset])
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {n: self.get(n) for n in names}
@@ -211,9 +215,6 @@ class Checkpoint:
                 raise CheckpointError(
                     f"tensor {name!r} has shape {list(self._infos[name].shape)}, config implies {list(shape)}"
                 )
-
-    def close(self) -> None:
-        self._handles.clear()
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())

@@ -130,5 +130,18 @@ def generate(
         click.echo(json.dumps(result, indent=2))
 
 
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("r1v-demo"), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def demo(out: Path, seed: int, as_json: bool) -> None:
+    """Run the pipeline end to end on the built-in tiny replica (re-runs reuse finished steps)."""
+    from r1v_quant.demo import run_demo
+
+    results = run_demo(out, seed=seed)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+
+
 if __name__ == "__main__":
     main()

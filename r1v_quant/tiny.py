@@ -370,3 +370,26 @@ def build_tiny(
         }
         (tmp / "tiny_build.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def write_random_checkpoint(
+    out: Path | str, cfg: dict, *, seed: int = 0, shard_bytes: int = 256 * 1024**2
+) -> Path:
+    """Weights-only checkpoint (config + shards, no tokenizer) with random bf16 tensors of the spec's shapes.
+
+    For memory and speed benchmarks at sizes the trained replica does not have; tensors are generated one
+    at a time and at most one shard is held before it is written.
+    """
+    spec = parse_config(cfg, flavor="r1v")
+    g = torch.Generator().manual_seed(seed)
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        writer = ShardedWriter(tmp, max_shard_bytes=shard_bytes)
+        for name, shape in spec.tensor_shapes().items():
+            if name.endswith(("norm.weight", "ls1", "ls2")) or name == "mlp1.0.weight":
+                t = torch.ones(shape)
+            else:
+                t = torch.randn(shape, generator=g) * 0.02
+            writer.add(name, t.to(torch.bfloat16))
+        writer.close()
+    return Path(out)
