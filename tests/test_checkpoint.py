@@ -168,3 +168,17 @@ def test_layout_only_directory_inspects(name: str, tmp_path: Path) -> None:
     assert not r["has_weights"] and abs(r["params_total"] / 1e9 - 38.39) < 0.01
     assert 76e9 < r["weight_bytes"]["bf16"] < 77.5e9
     assert r["weight_bytes"]["awq-int4-g128"] < 0.42 * r["weight_bytes"]["bf16"]
+
+
+def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
+    from r1v_quant.tiny import TinyOptions, build_tiny
+
+    opts = TinyOptions(flavor="r1v2", vit="rms", steps=3, seed=7)
+    build_tiny(tmp_path / "a", opts)
+    build_tiny(tmp_path / "b", opts)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != "tiny_build.json")
+    assert "tokenizer.json" in files and "preprocessor_config.json" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    spec = open_checkpoint(tmp_path / "a").spec
+    assert spec.flavor == "r1v2" and spec.vision.qk_norm and not spec.vision.qkv_bias
