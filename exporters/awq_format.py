@@ -62,7 +62,8 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return QuantizedWeight(q, s, z, group, 4)
 
 
-def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Linear weight [out, in] from the packed tensors: (q - z) * s."""
     return unpack_awq(qweight, qzeros, scales).dequantize(dtype)

@@ -36,8 +36,13 @@ def check_group(in_features: int, group_size: int, name: str = "layer") -> None:
         raise R1VError(f"group size {group_size} does not divide {name} input size {in_features}")
 
 
-def quantize_weight(w: torch.Tensor, group_size: int = 128, bits: int = 4,
-                    clip_max: torch.Tensor | None = None, clip_min: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize_weight(
+    w: torch.Tensor,
+    group_size: int = 128,
+    bits: int = 4,
+    clip_max: torch.Tensor | None = None,
+    clip_min: torch.Tensor | None = None,
+) -> QuantizedWeight:
     """Asymmetric min/max quantization per group of `group_size` input columns.
 
     `clip_max`/`clip_min` ([out, in/group]) replace each group's range (AWQ's clipping search result).
@@ -52,9 +57,13 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, bits: int = 4,
     s = scales.to(torch.float32)
     zeros = torch.clamp(torch.round(-wmin / s), 0, qmax)
     q = torch.clamp(torch.round(g / s[..., None]) + zeros[..., None], 0, qmax)
-    return QuantizedWeight(q.reshape(out, inp).to(torch.uint8), scales, zeros.to(torch.uint8), group_size, bits)
+    return QuantizedWeight(
+        q.reshape(out, inp).to(torch.uint8), scales, zeros.to(torch.uint8), group_size, bits
+    )
 
 
-def fake_quantize(w: torch.Tensor, group_size: int = 128, bits: int = 4, **clip: torch.Tensor) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, group_size: int = 128, bits: int = 4, **clip: torch.Tensor
+) -> torch.Tensor:
     """Quantize then dequantize, in w's dtype: what the int4 model computes with."""
     return quantize_weight(w, group_size, bits, **clip).dequantize(w.dtype)

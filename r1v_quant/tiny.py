@@ -249,6 +249,17 @@ def train(
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     torch.manual_seed(seed)
+    # same seed -> same bytes: CPU kernels that accumulate in parallel (embedding backward) otherwise vary
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, batches, steps, progress)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _train(
+    model: R1VModel, batches: _Batches, steps: int, progress: Callable[[int, float], None] | None
+) -> list[float]:
     feats = _vision_features(model)
     for p in model.vision_model.parameters():
         p.requires_grad_(False)
