@@ -67,3 +67,22 @@ def dequantize_awq(
 ) -> torch.Tensor:
     """Linear weight [out, in] from the packed tensors: (q - z) * s."""
     return unpack_awq(qweight, qzeros, scales).dequantize(dtype)
+
+
+def awq_state_dict(ckpt, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Full-precision state dict of an AWQ checkpoint (decoder linears dequantized), for the CPU loader.
+
+    `ckpt` is an r1v_quant.checkpoint.Checkpoint; tensors are read one at a time.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name in ckpt.names():
+        if name.endswith((".qzeros", ".scales")):
+            continue
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            state[f"{base}.weight"] = dequantize_awq(
+                ckpt.get(name), ckpt.get(f"{base}.qzeros"), ckpt.get(f"{base}.scales"), dtype
+            )
+        else:
+            state[name] = ckpt.get(name).to(dtype)
+    return state

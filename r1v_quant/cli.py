@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,15 +13,38 @@ import click
 from r1v_quant import __version__
 from r1v_quant.errors import R1VError
 
+# Commands that live with their pipeline stage, imported only when used (their heavy or optional
+# dependencies must not slow down or break the rest of the CLI).
+LAZY_COMMANDS = {
+    "calibrate": "r1v_quant.calibration.cli:calibrate_command",
+    "awq": "r1v_quant.exporters.awq_cli:awq_command",
+}
+EXTRAS = {"gguf": "gguf", "llama_cpp": "gguf", "onnx": "onnx", "onnxruntime": "onnx", "skimage": "calib"}
+
 
 class Group(click.Group):
     """User mistakes become one line on stderr and exit code 2; Ctrl-C exits 130. No tracebacks."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except R1VError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in EXTRAS:
+                raise
+            click.echo(f"error: this command needs {top!r}: pip install 'r1v-quant[{EXTRAS[top]}]'", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -37,11 +37,18 @@ class R1VModel(nn.Module):
         """Load every tensor (fine for the tiny replica; the 38B path streams layers instead)."""
         if not isinstance(ckpt, Checkpoint):
             ckpt = open_checkpoint(ckpt, flavor=flavor)
-        if ckpt.spec.is_quantized:
-            raise R1VError(f"{ckpt.path}: quantized checkpoint; load it with r1v_quant.awq loader instead")
+        quant = ckpt.spec.quantization
+        if quant is not None:
+            if quant.get("quant_method") != "awq" or quant.get("version", "gemm") != "gemm":
+                raise R1VError(f"{ckpt.path}: unsupported quantization {quant.get('quant_method')!r}")
+            # the packed format belongs to the exporter; the core only asks it for dequantized weights
+            from r1v_quant.exporters.awq_format import awq_state_dict
+
+            state = awq_state_dict(ckpt, dtype)
+        else:
+            state = {name: ckpt.get(name).to(dtype) for name in ckpt.names()}
         with torch.device("meta"):
             model = cls(ckpt.spec)
-        state = {name: ckpt.get(name).to(dtype) for name in ckpt.names()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 

@@ -1,0 +1,282 @@
+"""`r1v-quant awq`: calibrate, search and pack the language model, layer by layer, into an AutoAWQ checkpoint.
+
+Data flow: calibration.prepare/iter_layers (one decoder layer resident, activations under --max-memory)
+-> r1v_quant.awq.quantize_layer (the math) -> one packed safetensors file per finished layer in a work
+directory (that is what --resume continues from) -> final checkpoint assembled with the 16-bit vision
+tower, mlp1, embeddings, lm_head and norms, config.json with quantization_config, the source's tokenizer,
+template, preprocessor and remote-code files copied unchanged (never executed), and quant_report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from r1v_quant import __version__
+from r1v_quant.atomic import atomic_dir, atomic_file, check_output_dir
+from r1v_quant.awq import LINEARS, AWQConfig, LayerResult, apply_quantized, quantize_layer
+from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter
+from r1v_quant.errors import R1VError
+from r1v_quant.exporters.awq_format import pack_awq, unpack_awq
+from r1v_quant.spec import LLM_PREFIX
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+MODULES_TO_NOT_CONVERT = ["vision_model", "mlp1", "lm_head"]
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    group_size: int = 128
+    calib: str = "default"
+    samples: int = 64
+    seq_len: int = 4096
+    text_ratio: float = 0.25
+    seed: int = 0
+    modality_weights: str = "auto"
+    method: str = "awq"  # awq | rtn
+    propagate: str = "fp"  # fp: next layer sees 16-bit outputs | quant: the quantized layer's outputs
+    device: str = "auto"
+    max_memory: str | None = None
+
+    def fingerprint(self, model_dir: Path) -> str:
+        # everything that changes the result; --resume refuses to continue a run made with other settings
+        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "max_memory")}
+        keep["model"] = str(Path(model_dir).resolve())
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quantization_config(group_size: int) -> dict[str, Any]:
+    return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
+            "modules_to_not_convert": list(MODULES_TO_NOT_CONVERT)}  # fmt: skip
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise R1VError("--device cuda: no CUDA device is available to torch")
+    if device not in ("cpu", "cuda"):
+        raise R1VError(f"unknown --device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _layer_tensors(res: LayerResult) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, qw in res.quantized.items():
+        for k, v in pack_awq(qw).items():
+            out[f"{name}.{k}"] = v
+    out.update(res.state)
+    return out
+
+
+def _load_layer_result(path: Path, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tensors = load_file(str(path))
+    with open(path, "rb") as f:  # the layer's report rides in the safetensors metadata
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n)).get("__metadata__", {})
+    return json.loads(meta.get("report", "{}")), tensors
+
+
+def _fake_quant_from_tensors(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a saved layer result (packed linears + fp16 state) back into `layer` as fake-quant fp32."""
+    q = {
+        n: unpack_awq(tensors[f"{n}.qweight"], tensors[f"{n}.qzeros"], tensors[f"{n}.scales"])
+        for n in LINEARS
+    }
+    state = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    dtype = next(layer.parameters()).dtype
+    with torch.no_grad():
+        for k, v in state.items():
+            layer.get_submodule(k.rsplit(".", 1)[0]).get_parameter(k.rsplit(".", 1)[1]).copy_(v.to(dtype))
+    apply_quantized(layer, q)
+
+
+def quantize_awq(
+    model_dir: Path | str,
+    out: Path | str,
+    opts: AWQOptions = AWQOptions(),
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_layer: Callable[[int, torch.nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests."""
+    from r1v_quant.calibration import ActivationStore, iter_layers, parse_size, prepare
+
+    t0 = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out)
+    check_output_dir(out)
+    if opts.method not in ("awq", "rtn"):
+        raise R1VError(f"unknown method {opts.method!r}")
+    if opts.propagate not in ("fp", "quant"):
+        raise R1VError(f"unknown --propagate {opts.propagate!r}: expected fp or quant")
+    device = resolve_device(opts.device)
+    budget = parse_size(opts.max_memory)
+    cfg = AWQConfig(group_size=opts.group_size, modality_weights=opts.modality_weights)
+    work = out.parent / f".{out.name}.awq-work"
+    fp = opts.fingerprint(model_dir)
+    state_path = work / "state.json"
+    if work.exists():
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if resume and state.get("fingerprint") != fp:
+            raise R1VError(
+                f"--resume: {work} was made with other settings or another model; "
+                "remove it or run without --resume"
+            )
+        if not resume:
+            shutil.rmtree(work)  # an old interrupted run: start over
+    elif resume:
+        raise R1VError(f"--resume: nothing to resume for {out} (no {work.name})")
+    (work / "layers").mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}, indent=2))
+
+    prep = prepare(
+        model_dir,
+        opts.calib,
+        opts.samples,
+        opts.seq_len,
+        text_ratio=opts.text_ratio,
+        seed=opts.seed,
+        progress=progress,
+    )
+    ckpt = prep.ckpt
+    layer_reports: list[dict] = []
+    store = ActivationStore(budget, work / "spill")
+    t_prep = time.perf_counter()
+    bar = tqdm(
+        total=ckpt.spec.llm.num_layers, desc=f"{opts.method} search", unit="layer", disable=not progress
+    )
+    try:
+        for cap in iter_layers(
+            ckpt, prep.renderer, prep.cset, prep.rendered, store, collect_stats=False, progress=False
+        ):
+            path = work / "layers" / f"{cap.index:05d}.safetensors"
+            if path.is_file():  # finished before an interruption
+                report, tensors = _load_layer_result(path, cap.index)
+                _fake_quant_from_tensors(cap.layer, tensors)
+                report["resumed"] = True
+            else:
+                layer = cap.layer.to(device)
+                cos, sin = cap.rope(max(len(x) for x in cap.inputs))
+                cos, sin = cos.to(device), sin.to(device)
+                inputs = [x.to(device) for x in cap.inputs]
+                targets = [y.to(device) for y in cap.outputs]
+                res = quantize_layer(
+                    cap.index,
+                    layer,
+                    inputs,
+                    targets,
+                    cap.modality,
+                    lambda n, c=cos, s=sin: (c[:n], s[:n]),
+                    cfg,
+                    opts.method,
+                )
+                cap.layer = layer.cpu()
+                res.quantized = {k: _to_cpu(v) for k, v in res.quantized.items()}
+                res.state = {k: v.cpu() for k, v in res.state.items()}
+                report = res.report
+                with atomic_file(path) as tmp:
+                    save_file(_layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
+            layer_reports.append(report)
+            if on_layer:
+                on_layer(cap.index, cap.layer)
+            if opts.propagate == "quant":
+                cap.recompute_outputs()
+            bar.update(1)
+            bar.set_postfix(layer=cap.index, loss=f"{report['loss']:.2e}", rtn=f"{report['loss_rtn']:.2e}")
+    finally:
+        bar.close()
+        store.close()
+    t_search = time.perf_counter()
+    report = _assemble(
+        ckpt,
+        model_dir,
+        out,
+        work,
+        opts,
+        prep.set_hash,
+        layer_reports,
+        timings={"prepare": t_prep - t0, "search": t_search - t_prep},
+        progress=progress,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _to_cpu(qw):  # QuantizedWeight
+    qw.q, qw.scales, qw.zeros = qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu()
+    return qw
+
+
+def _assemble(
+    ckpt: Checkpoint,
+    model_dir: Path,
+    out: Path,
+    work: Path,
+    opts: AWQOptions,
+    set_hash: str,
+    layer_reports: list[dict],
+    timings: dict[str, float],
+    progress: bool,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    spec = ckpt.spec
+    with atomic_dir(out) as tmp:
+        writer = ShardedWriter(
+            tmp, max_shard_bytes=4 * 1024**3, metadata={"producer": f"r1v-quant {__version__}"}
+        )
+        names = [n for n in ckpt.names() if not n.startswith(LLM_PREFIX + ".")]
+        for n in tqdm(names, desc="16-bit tensors", unit="tensor", disable=not progress):
+            writer.add(n, ckpt.get(n).to(torch.float16))
+        for i in tqdm(range(spec.llm.num_layers), desc="packed layers", unit="layer", disable=not progress):
+            _, tensors = _load_layer_result(work / "layers" / f"{i:05d}.safetensors", i)
+            for k, v in tensors.items():
+                writer.add(f"{LLM_PREFIX}.{i}.{k}", v)
+        writer.close()
+        cfg = json.loads((model_dir / "config.json").read_text())
+        qc = quantization_config(opts.group_size)
+        cfg["quantization_config"] = qc  # vLLM auto-detects only the top level
+        cfg["llm_config"]["quantization_config"] = qc  # LMDeploy / older loaders look here
+        for c in (cfg, cfg["llm_config"], cfg["vision_config"]):
+            c["torch_dtype"] = "float16"  # AWQ kernels run fp16 activations
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        copied = []
+        for f in sorted(model_dir.iterdir()):
+            if (
+                f.is_file()
+                and f.name not in ("config.json", INDEX_NAME)
+                and not f.name.endswith(WEIGHT_SUFFIXES)
+            ):
+                shutil.copy2(f, tmp / f.name)
+                copied.append(f.name)
+        fallbacks = [r["layer"] for r in layer_reports if r.get("fallback")]
+        report = {
+            "producer": f"r1v-quant {__version__}",
+            "source": str(model_dir.resolve()),
+            "flavor": spec.flavor,
+            "options": asdict(opts),
+            "calibration_set_hash": set_hash,
+            "quantization_config": qc,
+            "layers": layer_reports,
+            "fallback_layers": fallbacks,
+            "loss_sum": sum(r["loss"] for r in layer_reports),
+            "loss_rtn_sum": sum(r["loss_rtn"] for r in layer_reports),
+            "copied_files": copied,
+            "versions": {"torch": torch.__version__, "r1v_quant": __version__},
+            "timings": {
+                **{k: round(v, 2) for k, v in timings.items()},
+                "assemble": round(time.perf_counter() - t0, 2),
+            },
+        }
+        (tmp / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

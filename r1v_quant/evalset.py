@@ -1,0 +1,71 @@
+"""Held-out scoring windows: generated problems (text, and questions about rendered pictures) with their
+worked answers, rendered in the model's own template. Scores are taken on the answer tokens only, so an
+image-conditioned window measures what the model says *after seeing the image*.
+
+Seeds differ from the ones the tiny replica trains on and from the default calibration set's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1v_quant.preprocess import expand_image_placeholders, preprocess_image
+from r1v_quant.prompts import build_prompt
+from r1v_quant.spec import ModelSpec
+from r1v_quant.synthdata import image_problems, render_shape, text_problems
+from r1v_quant.tokenizer import R1VTokenizer
+
+HELDOUT_SEED = 90_001
+
+
+@dataclass
+class Window:
+    kind: str  # "text" | "image"
+    input_ids: torch.Tensor  # (n,)
+    pixel_values: torch.Tensor | None
+    score: torch.Tensor  # (n,) bool: positions whose *next* token is an answer token
+
+
+def heldout_windows(
+    model_dir: Path | str, spec: ModelSpec, n_text: int = 16, n_image: int = 16, seed: int = HELDOUT_SEED
+) -> list[Window]:
+    tok = R1VTokenizer.from_dir(model_dir)
+    out: list[Window] = []
+
+    def window(
+        kind: str, question: str, response: str, pixels: torch.Tensor | None, tiles: list[int]
+    ) -> Window:
+        prompt = build_prompt(spec.flavor, [{"role": "user", "content": question}])
+        prompt = expand_image_placeholders(prompt, tiles, spec.num_image_token)
+        p_ids, r_ids = tok.encode(prompt), tok.encode(response)
+        ids = torch.tensor(p_ids + r_ids)
+        score = torch.zeros(len(ids), dtype=torch.bool)
+        score[len(p_ids) - 1 : len(ids) - 1] = True  # logits at i predict token i+1
+        return Window(kind, ids, pixels, score)
+
+    for p in text_problems(n_text, seed):
+        out.append(window("text", p.question, p.response(), None, []))
+    for p in image_problems(n_image, seed + 1):
+        pre = preprocess_image(
+            render_shape(p.color, p.shape),
+            image_size=spec.force_image_size,
+            min_num=spec.min_dynamic_patch,
+            max_num=spec.max_dynamic_patch,
+            use_thumbnail=spec.use_thumbnail,
+            dynamic=spec.dynamic_image_size,
+        )
+        out.append(window("image", f"<image>\n{p.question}", p.response(), pre.pixel_values, [pre.num_tiles]))
+    return out
+
+
+@torch.no_grad()
+def window_logits(model, windows: list[Window]) -> list[torch.Tensor]:
+    """Logits at the scored positions of each window, from an R1VModel (or anything with its forward)."""
+    return [model(w.input_ids[None], w.pixel_values)[0][w.score] for w in windows]
+
+
+def window_targets(windows: list[Window]) -> list[torch.Tensor]:
+    return [w.input_ids[1:][w.score[:-1]] for w in windows]
