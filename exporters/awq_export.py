@@ -232,9 +232,7 @@ def _assemble(
     t0 = time.perf_counter()
     spec = ckpt.spec
     with atomic_dir(out) as tmp:
-        writer = ShardedWriter(
-            tmp, max_shard_bytes=4 * 1024**3, metadata={"producer": f"r1v-quant {__version__}"}
-        )
+        writer = ShardedWriter(tmp, max_shard_bytes=4 * 1024**3)
         names = [n for n in ckpt.names() if not n.startswith(LLM_PREFIX + ".")]
         for n in tqdm(names, desc="16-bit tensors", unit="tensor", disable=not progress):
             writer.add(n, ckpt.get(n).to(torch.float16))

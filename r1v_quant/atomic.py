@@ -16,6 +16,17 @@ from pathlib import Path
 from r1v_quant.errors import R1VError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual umask-based mode
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def check_output_dir(path: Path, *, allow_existing_empty: bool = True) -> None:
     """Refuse to overwrite: an existing non-empty output directory is a user mistake."""
     path = Path(path)
@@ -35,6 +46,7 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         if final.exists():
             final.rmdir()  # empty (checked above); rename needs it gone
         os.replace(tmp, final)
@@ -56,6 +68,8 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.exists():
+            _publish_mode(tmp, directory=False)
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)

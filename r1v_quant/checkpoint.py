@@ -235,17 +235,13 @@ class ShardedWriter:
     index last: a directory without an index is never mistaken for a finished checkpoint.
     """
 
-    def __init__(
-        self,
-        out_dir: Path | str,
-        *,
-        max_shard_bytes: int = 4 * 1024**3,
-        metadata: dict[str, str] | None = None,
-    ):
+    def __init__(self, out_dir: Path | str, *, max_shard_bytes: int = 4 * 1024**3):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
+        # one key only: safetensors writes metadata keys in hash order, so more keys break "same
+        # input, same bytes" (provenance goes in the reports instead)
+        self.metadata = {"format": "pt"}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []

@@ -18,6 +18,7 @@ from r1v_quant.errors import R1VError
 LAZY_COMMANDS = {
     "calibrate": "r1v_quant.calibration.cli:calibrate_command",
     "awq": "r1v_quant.exporters.awq_cli:awq_command",
+    "gguf": "r1v_quant.exporters.cli_gguf:gguf_command",
 }
 EXTRAS = {"gguf": "gguf", "llama_cpp": "gguf", "onnx": "onnx", "onnxruntime": "onnx", "skimage": "calib"}
 

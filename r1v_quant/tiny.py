@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from r1v_quant import __version__
 from r1v_quant.atomic import atomic_dir
 from r1v_quant.checkpoint import ShardedWriter
 from r1v_quant.errors import R1VError
@@ -362,9 +361,7 @@ def build_tiny(
         (tmp / "configuration_skywork_chat.py").write_text(REMOTE_CODE)
         state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
         total = sum(v.numel() * 2 for v in state.values())
-        writer = ShardedWriter(
-            tmp, max_shard_bytes=total // 3 + 1, metadata={"producer": f"r1v-quant {__version__} tiny"}
-        )
+        writer = ShardedWriter(tmp, max_shard_bytes=total // 3 + 1)
         for name in spec.tensor_shapes():  # checkpoint order: vision, mlp1, embeddings, layers, norm, lm_head
             writer.add(name, state[name])
         writer.close()

@@ -1,0 +1,93 @@
+"""K-quants (and IQ4) through llama.cpp's own quantizer, `llama_model_quantize` in libllama.
+
+The Python `gguf` package can only pack F16/BF16/Q8_0/Q4_x/Q5_x; K-quant packing and llama.cpp's per-tensor
+type mix (e.g. Q4_K_M keeps attn_v/ffn_down of some layers and output.weight at Q6_K) live in C, so they
+are never imitated here: we hand a 16-bit GGUF to libllama and rename its output into place when complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+from r1v_quant.atomic import atomic_file
+from r1v_quant.errors import R1VError
+
+# Types the gguf package packs in Python: name -> (ggml type name, llama_ftype name for general.file_type).
+PYTHON_TYPES: dict[str, tuple[str, str]] = {
+    "F32": ("F32", "ALL_F32"),
+    "F16": ("F16", "MOSTLY_F16"),
+    "BF16": ("BF16", "MOSTLY_BF16"),
+    "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "Q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# --type name -> llama_ftype constant name in llama_cpp. Only types that need no importance matrix:
+# IQ1/IQ2/IQ3_XXS and Q2_K_S refuse to run without one (llama-quant.cpp `tensor_requires_imatrix`).
+LLAMA_TYPES: dict[str, str] = {
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+}
+
+
+GGUF_TYPES: tuple[str, ...] = (*PYTHON_TYPES, *LLAMA_TYPES)
+
+
+def normalize_type(gguf_type: str) -> str:
+    name = gguf_type.upper()
+    if name not in GGUF_TYPES:
+        raise R1VError(f"unsupported GGUF type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
+    return name
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a finished file the permissions a plain `open()` would (atomic_file's mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as e:  # an optional extra; the CPU/CUDA wheels are built from source
+        raise R1VError(f"llama-cpp-python is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
+    return llama_cpp
+
+
+def llama_quantize(src: Path | str, dst: Path | str, gguf_type: str, *, nthread: int = 0) -> None:
+    """Quantize the 16/32-bit GGUF `src` to `gguf_type` (a key of LLAMA_TYPES) at `dst`, atomically.
+
+    `nthread` <= 0 uses every core. The output is written under a temporary name next to `dst` and renamed
+    only when libllama reports success, so `dst` never holds a half-written file.
+    """
+    name = gguf_type.upper()
+    if name not in LLAMA_TYPES:
+        raise R1VError(
+            f"llama.cpp quantization type {gguf_type!r} is not supported: {', '.join(LLAMA_TYPES)}"
+        )
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise R1VError(f"{src}: no such GGUF file")
+    lc = import_llama_cpp()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, LLAMA_TYPES[name])
+    params.nthread = nthread if nthread > 0 else (os.cpu_count() or 1)
+    with atomic_file(dst) as tmp:
+        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            # libllama logs the reason to stderr; the return code alone says only "failed".
+            raise R1VError(
+                f"llama.cpp failed to quantize {src.name} to {name} (code {rc}; see its log above)"
+            )
+        set_default_mode(tmp)
