@@ -1,0 +1,70 @@
+"""`r1v-quant calibrate`: the click command (registered by r1v_quant/cli.py as `calibrate`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--set",
+    "set_spec",
+    default="default",
+    show_default=True,
+    help="default | DIR of *.jsonl + images | FILE.jsonl | VLMEvalKit FILE.tsv | FILE.txt | hf:NAME[:SPLIT]",
+)
+@click.option("--samples", type=int, default=64, show_default=True, help="Samples to use.")
+@click.option("--seq-len", type=int, default=4096, show_default=True, help="Max tokens per sample.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output folder (new).")
+@click.option("--max-memory", default=None, help="RAM for cached activations, e.g. 2GB; the rest spills.")
+@click.option(
+    "--text-ratio", type=float, default=0.25, show_default=True, help="Text-only share (default set)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--flavor", default=None, help="r1v | r1v2 | r1v3 (default: from the checkpoint).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def calibrate_command(
+    model: Path,
+    set_spec: str,
+    samples: int,
+    seq_len: int,
+    out: Path,
+    max_memory: str | None,
+    text_ratio: float,
+    seed: int,
+    flavor: str | None,
+    as_json: bool,
+) -> None:
+    """Capture per-layer activation statistics of MODEL on a calibration set into OUT."""
+    from .pipeline import calibrate
+
+    report = calibrate(
+        model,
+        set_spec,
+        samples,
+        seq_len,
+        out,
+        max_memory,
+        text_ratio=text_ratio,
+        seed=seed,
+        flavor=flavor,
+        progress=not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    t, mem = report["tokens"], report["memory"]
+    click.echo(
+        f"wrote {out}: {report['set']['samples']} samples, {t['total']} tokens "
+        f"(vision {t['vision']}, prompt {t['prompt']}, response {t['response']}), "
+        f"{report['layers']} layers, {report['tokens_per_second']} tokens/s, "
+        f"spilled {_size(mem['spilled_bytes'])}, set {report['set']['hash'][:19]}"
+    )

@@ -1,0 +1,195 @@
+"""`calibrate`: set -> rendered samples -> layer-by-layer capture -> stats.safetensors + report.json.
+
+`prepare` stops before the capture, for callers (the AWQ search) that drive `iter_layers` themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from r1v_quant.atomic import atomic_dir, check_output_dir
+from r1v_quant.checkpoint import Checkpoint, open_checkpoint
+from r1v_quant.errors import R1VError
+
+from .capture import iter_layers
+from .dataset import CalibrationSet
+from .loaders import load_set
+from .render import MODALITIES, RenderedSample, Renderer
+from .stats import FORMAT, LINEAR_GROUPS, STATS_FILE
+from .store import ActivationStore, parse_size
+
+REPORT_FILE = "report.json"
+MANIFEST_COPY = "set_manifest.jsonl"
+
+
+@dataclass
+class Prepared:
+    """Everything before the forward passes: checkpoint, set, its hash and the rendered samples."""
+
+    ckpt: Checkpoint
+    renderer: Renderer
+    cset: CalibrationSet
+    set_hash: str
+    rendered: list[RenderedSample]
+
+
+def prepare(
+    model_dir: Path | str,
+    set_spec: str = "default",
+    samples: int = 64,
+    seq_len: int = 4096,
+    *,
+    text_ratio: float = 0.25,
+    seed: int = 0,
+    flavor: str | None = None,
+    progress: bool = True,
+) -> Prepared:
+    """Open the model, load and render the set. Every bad input fails here, before any heavy work."""
+    ckpt = open_checkpoint(model_dir, flavor=flavor)
+    if ckpt.spec.is_quantized:
+        raise R1VError(f"{model_dir}: already quantized; calibrate the 16-bit checkpoint")
+    renderer = Renderer(model_dir, ckpt.spec, seq_len)
+    cset = load_set(
+        set_spec,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        text_ratio=text_ratio,
+        count_tokens=renderer.count_tokens,
+    )
+    set_hash = cset.content_hash()
+    rendered = [
+        renderer.render(s, cset)
+        for s in tqdm(cset.samples, desc="rendering", unit="sample", disable=not progress)
+    ]
+    return Prepared(ckpt, renderer, cset, set_hash, rendered)
+
+
+def calibrate(
+    model_dir: Path | str,
+    set_spec: str = "default",
+    samples: int = 64,
+    seq_len: int = 4096,
+    out_dir: Path | str = "calibration",
+    max_memory: str | int | None = None,
+    *,
+    text_ratio: float = 0.25,
+    seed: int = 0,
+    flavor: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write `out_dir/stats.safetensors` and `out_dir/report.json` (atomically); return the report."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)  # fail before minutes of work, not after
+    budget = parse_size(max_memory)
+    prep = prepare(
+        model_dir,
+        set_spec,
+        samples,
+        seq_len,
+        text_ratio=text_ratio,
+        seed=seed,
+        flavor=flavor,
+        progress=progress,
+    )
+    t_prep = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        store = ActivationStore(budget, tmp / ".spill")
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            for cap in iter_layers(
+                prep.ckpt, prep.renderer, prep.cset, prep.rendered, store, dtype=dtype, progress=progress
+            ):
+                assert cap.stats is not None
+                tensors.update(cap.stats.tensors())
+        finally:
+            store.close()  # also removes the spill folder before the directory is renamed into place
+        seconds = time.perf_counter() - t0
+        report = _report(
+            prep, model_dir, set_spec, seq_len, seed, text_ratio, budget, store, seconds, t_prep - t0
+        )
+        metadata = {
+            "format": FORMAT,
+            "set_hash": prep.set_hash,
+            "model": report["model"],
+            "flavor": prep.ckpt.spec.flavor,
+            "info": json.dumps(
+                {k: report[k] for k in ("set", "seq_len", "tokens", "layers", "linear_groups")}
+            ),
+        }
+        save_file(tensors, str(tmp / STATS_FILE), metadata=metadata)
+        (tmp / MANIFEST_COPY).write_text(prep.cset.manifest_text(), encoding="utf-8")
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def _report(
+    prep: Prepared,
+    model_dir: Path | str,
+    set_spec: str,
+    seq_len: int,
+    seed: int,
+    text_ratio: float,
+    budget: int | None,
+    store: ActivationStore,
+    seconds: float,
+    prep_seconds: float,
+) -> dict[str, Any]:
+    rs = prep.rendered
+    tokens = {m: sum(r.count(code) for r in rs) for code, m in enumerate(MODALITIES)}
+    tokens["total"] = sum(r.length for r in rs)
+    lengths = [r.length for r in rs]
+    return {
+        "model": str(Path(model_dir).resolve()),
+        "flavor": prep.ckpt.spec.flavor,
+        "set": {
+            "source": set_spec,
+            "hash": prep.set_hash,
+            "samples": len(rs),
+            "with_images": sum(1 for r in rs if r.image_keys),
+            "text_only": sum(1 for r in rs if not r.image_keys),
+            "ids": [r.id for r in rs],
+        },
+        "seq_len": seq_len,
+        "seed": seed,
+        "text_ratio": text_ratio,
+        "tokens": tokens,
+        "tiles": {"total": sum(sum(r.tiles) for r in rs), "per_sample": [sum(r.tiles) for r in rs]},
+        "lengths": {
+            "min": min(lengths),
+            "max": max(lengths),
+            "mean": round(sum(lengths) / len(lengths), 1),
+            "per_sample": lengths,
+        },
+        "truncated": [r.id for r in rs if r.truncated],
+        "layers": prep.ckpt.spec.llm.num_layers,
+        "linear_groups": {g: list(lins) for g, (_, lins) in LINEAR_GROUPS.items()},
+        "stats_file": STATS_FILE,
+        "memory": {
+            "max_memory_bytes": budget,
+            "peak_cached_ram_bytes": store.peak_mem_bytes,
+            "spilled_bytes": store.spilled_total,
+            "peak_spill_disk_bytes": store.peak_disk_bytes,
+            "peak_rss_bytes": _peak_rss_bytes(),
+        },
+        "seconds": round(seconds, 3),
+        "prepare_seconds": round(prep_seconds, 3),
+        "tokens_per_second": round(tokens["total"] / max(seconds - prep_seconds, 1e-9), 1),
+    }

@@ -1,0 +1,403 @@
+"""Calibration pipeline on the tiny replica: sets, rendering, masks, statistics, spilling, bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from r1v_quant.calibration import (
+    MODALITIES,
+    ActivationStore,
+    CalibrationStats,
+    CalibrationWarning,
+    LayerStats,
+    Renderer,
+    build_default_set,
+    calibrate,
+    iter_layers,
+    load_set,
+    parse_size,
+    prepare,
+    write_set,
+)
+from r1v_quant.calibration.render import PROMPT, RESPONSE, VISION
+from r1v_quant.checkpoint import open_checkpoint
+from r1v_quant.errors import R1VError
+from r1v_quant.model import R1VModel
+from r1v_quant.synthdata import render_shape
+
+SAMPLES, SEQ = 4, 512
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same calibration twice: all in RAM, and with a 1 KB budget so every activation spills."""
+    base = tmp_path_factory.mktemp("calib")
+    out = {"ram": base / "ram", "spill": base / "spill"}
+    calibrate(tiny_dir, "default", SAMPLES, SEQ, out["ram"], None, seed=0, progress=False)
+    calibrate(tiny_dir, "default", SAMPLES, SEQ, out["spill"], "1KB", seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_dir: Path):
+    return prepare(tiny_dir, "default", SAMPLES, SEQ, seed=0, progress=False)
+
+
+# -- sets --------------------------------------------------------------------------------------------------
+def test_default_set_is_deterministic_and_mixed() -> None:
+    a = build_default_set(8, seed=3, text_ratio=0.25, seq_len=1024)
+    b = build_default_set(8, seed=3, text_ratio=0.25, seq_len=1024)
+    assert a.content_hash() == b.content_hash() and a.manifest_text() == b.manifest_text()
+    assert build_default_set(8, seed=4, seq_len=1024).content_hash() != a.content_hash()
+    assert sum(1 for s in a.samples if not s.images) == 2  # round(8 * 0.25) text-only
+    for s in a.samples:
+        reply = s.turns[-1]
+        assert (
+            reply.role == "assistant"
+            and reply.content.startswith("<think>\n")
+            and "</think>" in reply.content
+        )
+    assert len({s.id.split("-", 1)[1] for s in a.samples if s.images}) >= 4  # several image kinds
+
+
+def test_default_set_without_skimage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1v_quant.calibration import default_set
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    assert default_set.available_photos() == []
+    s = build_default_set(10, seed=0, text_ratio=0.0, seq_len=512)
+    assert len(s) == 10 and not any("photo" in x.id for x in s.samples)
+
+
+def test_written_set_reloads_with_the_same_hash(tmp_path: Path) -> None:
+    a = build_default_set(3, seed=1, seq_len=512)
+    write_set(a, tmp_path / "set")
+    b = load_set(str(tmp_path / "set"), samples=3, seq_len=512)
+    assert b.content_hash() == a.content_hash()
+    (tmp_path / "set" / a.image_keys()[0]).write_bytes(b"changed")  # image bytes are part of the identity
+    assert load_set(str(tmp_path / "set"), samples=3, seq_len=512).content_hash() != a.content_hash()
+
+
+def _png(color: str = "red") -> bytes:
+    buf = io.BytesIO()
+    render_shape(color, "square").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tsv_and_text_loaders(tmp_path: Path) -> None:
+    img = base64.b64encode(_png()).decode()
+    tsv = tmp_path / "bench.tsv"
+    tsv.write_text(
+        "index\timage\tquestion\tanswer\tA\tB\n"
+        f"0\t{img}\tWhat colour is the square?\tA\tred\tblue\n"
+        "1\t0\tIs it a square?\tyes\t\t\n",  # image "0": VLMEvalKit's reference to row 0's image
+        encoding="utf-8",
+    )
+    s = load_set(str(tsv), samples=2, seq_len=512)
+    assert [x.id for x in s.samples] == ["tsv-0", "tsv-1"]
+    q0 = s.samples[0].turns[0]
+    assert "Options:\nA. red\nB. blue" in q0.content and s.samples[0].turns[1].content == "A"
+    assert s.image_bytes(q0.images[0]) == _png() == s.image_bytes(s.samples[1].turns[0].images[0])
+    txt = tmp_path / "notes.txt"
+    txt.write_text("\n\n".join(f"Paragraph {k} " + "word " * 200 for k in range(10)), encoding="utf-8")
+    with pytest.warns(CalibrationWarning, match="fewer than --samples 100"):
+        t = load_set(str(txt), samples=100, seq_len=256)
+    assert len(t) > 1 and all(len(x.turns) == 1 and x.turns[0].role == "user" for x in t.samples)
+
+
+def test_hf_datasets_loader_on_a_local_file(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    from r1v_quant.calibration.loaders import load_hf_dataset
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        json.dumps({"question": "What is 2 + 3?", "answer": "<think>\n2+3=5\n</think>\n\n5"}) + "\n"
+    )
+    s = load_hf_dataset("json", split="train", data_files=str(data))
+    assert len(s) == 1 and s.samples[0].turns[-1].content.endswith("5")
+
+
+def test_dataset_rows_become_samples() -> None:
+    """The row mapping behind hf:... (checked without `datasets`): ShareGPT chats and question/answer rows."""
+    from r1v_quant.calibration.loaders import rows_to_set
+
+    img = render_shape("blue", "circle")
+    rows = [
+        {
+            "id": "a",
+            "image": img,
+            "conversations": [
+                {"from": "human", "value": "What shape?"},
+                {"from": "gpt", "value": "A circle."},
+            ],
+        },
+        {"question": "What is 2 + 2?", "answer": "4"},
+    ]
+    s = rows_to_set(rows, "hf:test")
+    chat = s.samples[0].turns
+    assert [t.role for t in chat] == ["user", "assistant"] and len(chat[0].images) == 1
+    assert Image.open(io.BytesIO(s.image_bytes(chat[0].images[0]))).size == img.size
+    assert [t.content for t in s.samples[1].turns] == ["What is 2 + 2?", "4"]
+
+
+# -- rendering and masks -----------------------------------------------------------------------------------
+def test_modality_masks(tiny_dir: Path, prepared) -> None:
+    spec = prepared.ckpt.spec
+    tok = prepared.renderer.tok
+    assert any(r.image_keys for r in prepared.rendered) and any(not r.image_keys for r in prepared.rendered)
+    for r in prepared.rendered:
+        ids, mod = r.input_ids, r.modality
+        assert torch.equal(mod == VISION, ids == spec.tokens.img_context)  # exactly the <IMG_CONTEXT> slots
+        assert int((mod == VISION).sum()) == sum(r.tiles) * spec.num_image_token
+        resp = torch.nonzero(mod == RESPONSE).flatten()
+        assert len(resp) and int(resp[-1]) == r.length - 1  # the response runs to the end
+        assert torch.equal(resp, torch.arange(int(resp[0]), r.length))  # ...as one contiguous block
+        assert tok.decode(ids[resp[:3]].tolist()).startswith("<think>")
+        assert tok.decode(ids[: int(resp[0])].tolist()).endswith("<\uff5cAssistant\uff5c>")  # r1v flavour
+        assert int((mod == PROMPT).sum()) + int((mod == VISION).sum()) == int(resp[0])
+        assert r.length <= SEQ
+
+
+def test_truncation_warns_and_never_cuts_an_image(tiny_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png())
+    lines = [
+        {
+            "id": "long",
+            "question": "Count.",
+            "answer": "<think>\n" + "one two three " * 300 + "\n</think>\n\n3",
+        },
+        {"id": "img", "messages": [{"role": "user", "content": "x " * 200 + "<image>", "images": ["a.png"]}]},
+    ]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = open_checkpoint(tiny_dir).spec
+    cset = load_set(str(root), samples=2, seq_len=300)
+    r = Renderer(tiny_dir, spec, 300)
+    with pytest.warns(CalibrationWarning, match="truncated to 300"):
+        long = r.render(cset.samples[0], cset)
+    assert long.truncated and long.length == 300 and long.original_length > 300
+    with pytest.warns(CalibrationWarning, match="1 image"):
+        img = r.render(cset.samples[1], cset)
+    assert img.image_keys == () and int((img.modality == VISION).sum()) == 0
+    assert spec.tokens.img_start not in img.input_ids.tolist()  # cut before <img>, not inside the image
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+def test_outputs_and_report(runs: dict[str, Path], prepared) -> None:
+    out = runs["ram"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "set_manifest.jsonl", "stats.safetensors"]
+    report = json.loads((out / "report.json").read_text())
+    stats = CalibrationStats.load(out)
+    assert report["set"]["hash"] == stats.set_hash == prepared.set_hash
+    t = report["tokens"]
+    assert t["vision"] + t["prompt"] + t["response"] == t["total"] == sum(report["lengths"]["per_sample"])
+    assert t["vision"] == 256 * report["tiles"]["total"] > 0 and t["response"] > t["prompt"]
+    assert report["flavor"] == "r1v" and report["layers"] == stats.num_layers == 4
+    for layer in range(4):
+        for lin in ("q_proj", "self_attn.v_proj", "o_proj", "mlp.up_proj", "down_proj"):
+            assert stats.count(layer, lin) == t["total"]
+            for m in MODALITIES:
+                assert stats.count(layer, lin, m) == t[m]
+    k = stats.get(2, "k_proj", "sum_sq")
+    assert torch.equal(k, stats.get(2, "qkv", "sum_sq")) and k.shape == (256,)
+    assert torch.allclose(stats.importance(2, "k_proj"), k / t["total"])
+
+
+def test_same_seed_same_stats_and_spill_is_identical(runs: dict[str, Path]) -> None:
+    ram, spill = CalibrationStats.load(runs["ram"]), CalibrationStats.load(runs["spill"])
+    assert ram.set_hash == spill.set_hash
+    assert ram.tensors.keys() == spill.tensors.keys()
+    for name, t in ram.tensors.items():
+        assert torch.equal(t, spill.tensors[name]), name
+    mem_ram = json.loads((runs["ram"] / "report.json").read_text())["memory"]
+    mem_spill = json.loads((runs["spill"] / "report.json").read_text())["memory"]
+    assert mem_ram["spilled_bytes"] == 0 and mem_spill["spilled_bytes"] > 0
+    assert mem_spill["peak_cached_ram_bytes"] <= 1000
+
+
+def test_stats_and_layer_inputs_match_the_full_forward(
+    tiny_dir: Path, runs: dict[str, Path], prepared
+) -> None:
+    """Recompute everything with hooks on the whole R1VModel forward, independently of the layer loop."""
+    model = R1VModel.from_checkpoint(tiny_dir)
+    layers = model.language_model.model.layers
+    ref = [LayerStats.for_layer(i, layer) for i, layer in enumerate(layers)]
+    current: list[torch.Tensor] = [prepared.rendered[0].modality]
+    entering: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: entering[i].append(a[0][0].clone()))
+        for i, layer in enumerate(layers)
+    ]
+    hooks = [s.hooks(layer, current) for s, layer in zip(ref, layers, strict=True)]
+    for h in hooks:
+        h.__enter__()
+    try:
+        for r in prepared.rendered:
+            current[0] = r.modality
+            model(r.input_ids[None], prepared.renderer.pixels(r, prepared.cset))
+    finally:
+        for h in hooks:
+            h.__exit__(None, None, None)
+        for h in handles:
+            h.remove()
+    stats = CalibrationStats.load(runs["ram"])
+    for s in ref:
+        for name, want in s.tensors().items():
+            got = stats.tensors[name]
+            if ".count." in name:
+                assert torch.equal(got, want), name
+            else:
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (name, (got - want).abs().max())
+    store = ActivationStore()
+    p = prepared
+    for cap in iter_layers(
+        p.ckpt, p.renderer, p.cset, p.rendered, store, collect_stats=False, progress=False
+    ):
+        for j in range(len(p.rendered)):
+            assert torch.allclose(cap.inputs[j], entering[cap.index][j], atol=1e-5), (cap.index, j)
+
+
+def test_layer_capture_can_propagate_a_modified_layer(prepared) -> None:
+    p = prepared
+    caps = iter_layers(p.ckpt, p.renderer, p.cset, p.rendered[:1], ActivationStore(), progress=False)
+    cap = next(caps)
+    x0 = cap.inputs[0]
+    assert not torch.equal(cap.outputs[0], x0)
+    with torch.no_grad():  # a layer that adds nothing to the residual stream: output == input
+        cap.layer.self_attn.o_proj.weight.zero_()
+        cap.layer.mlp.down_proj.weight.zero_()
+    cap.recompute_outputs()
+    assert torch.equal(next(caps).inputs[0], x0)
+    caps.close()
+
+
+def test_store_spills_every_dtype_exactly(tmp_path: Path) -> None:
+    store = ActivationStore(budget=0, spill_dir=tmp_path / "spill")
+    for k, dt in enumerate((torch.float32, torch.bfloat16, torch.float16)):
+        t = torch.randn(7, 5).to(dt)
+        store.put("x", k, t)
+        assert store.is_spilled("x", k) and torch.equal(store.get("x", k), t)
+    store.close()
+    assert not (tmp_path / "spill").exists()
+
+
+def test_parse_size() -> None:
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5g") == 1_500_000_000 and parse_size("100") == 100 and parse_size(None) is None
+    with pytest.raises(R1VError, match="memory size"):
+        parse_size("lots")
+
+
+# -- bad input: clear errors, nothing written --------------------------------------------------------------
+def _manifest(root: Path, lines: list[dict]) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(root)
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing_image", "image file not found"),
+        ("corrupt_image", "cannot read image"),
+        ("empty_set", "is empty"),
+        ("image_in_assistant", "user turns only"),
+        ("bad_roles", "alternate|expected"),
+        ("unknown_flavor", "unknown flavour"),
+        ("unknown_template", "cannot tell the R1V flavour"),
+        ("no_such_set", "no such file"),
+        ("bad_memory", "memory size"),
+    ],
+)
+def test_bad_input(tiny_dir: Path, tmp_path: Path, case: str, match: str) -> None:
+    root = tmp_path / "set"
+    set_spec, flavor, mem, model = str(root), None, None, tiny_dir
+    if case == "missing_image":
+        _manifest(root, [{"question": "<image>\nWhat?", "images": ["nope.png"], "answer": "x"}])
+    elif case == "corrupt_image":
+        _manifest(root, [{"question": "What?", "images": ["bad.png"], "answer": "x"}])
+        (root / "bad.png").write_bytes(b"\x89PNG not really")
+    elif case == "empty_set":
+        _manifest(root, [])
+    elif case == "image_in_assistant":
+        (root / "a.png").parent.mkdir(parents=True)
+        (root / "a.png").write_bytes(_png())
+        msgs = [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<image>", "images": ["a.png"]},
+        ]
+        _manifest(root, [{"messages": msgs}])
+    elif case == "bad_roles":
+        _manifest(root, [{"messages": [{"role": "assistant", "content": "first"}]}])
+    elif case == "unknown_flavor":
+        set_spec, flavor = "default", "r9000"
+    elif case == "unknown_template":  # a config template and tokenizer this project does not know
+        model = tmp_path / "model"
+        shutil.copytree(tiny_dir, model)
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, "template": "mystery-chat"}))
+        tcfg = json.loads((model / "tokenizer_config.json").read_text())
+        tcfg.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
+        (model / "chat_template.jinja").unlink(missing_ok=True)
+        set_spec = "default"
+    elif case == "no_such_set":
+        set_spec = str(tmp_path / "missing")
+    elif case == "bad_memory":
+        set_spec, mem = "default", "lots"
+    out = tmp_path / "out"
+    with pytest.raises(R1VError, match=match):
+        calibrate(model, set_spec, 1, 256, out, mem, flavor=flavor, progress=False)
+    _nothing_written(out)
+
+
+def test_refuses_non_empty_output(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(R1VError, match="not empty"):
+        calibrate(tiny_dir, "default", 1, 256, out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def test_cli_json_and_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from r1v_quant.calibration.cli import calibrate_command
+    from r1v_quant.cli import Group
+
+    group = Group(commands={"calibrate": calibrate_command})
+    runner = CliRunner()
+    out = tmp_path / "c"
+    args = ["calibrate", str(tiny_dir), "--samples", "2", "--seq-len", "400", "--out", str(out)]
+    r = runner.invoke(group, [*args, "--max-memory", "10KB", "--text-ratio", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (
+        report["set"]["samples"] == 2
+        and report["set"]["text_only"] == 1
+        and (out / "stats.safetensors").is_file()
+    )
+    bad = runner.invoke(group, [*args[:-1], str(tmp_path / "d"), "--flavor", "nope"])
+    assert (
+        bad.exit_code == 2
+        and bad.stderr.strip().startswith("error:")
+        and len(bad.stderr.strip().splitlines()) == 1
+    )
