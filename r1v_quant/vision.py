@@ -47,7 +47,7 @@ class VisionEmbeddings(nn.Module):
             raise ValueError(f"vision tower expects a {self.grid}x{self.grid} patch grid, got {h}x{w}")
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(b, 1, c).to(x.dtype)
-        # HF order: CLS first, so patch k gets position row k+1 (llama.cpp differs; see exporters/mmproj)
+        # HF order: CLS first, so patch k gets position row k+1 (llama.cpp differs: exporters/gguf_mmproj.py)
         return torch.cat([cls, x], dim=1) + self.position_embedding.to(x.dtype)
 
 

@@ -390,7 +390,13 @@ def test_cli(tiny_dir: Path, tmp_path: Path) -> None:
     r = runner.invoke(_cli(), ["gguf", str(tiny_dir), "--out", str(tmp_path), "--type", "q8_0", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
-    assert Path(report["path"]) == tmp_path / f"{tiny_dir.name}-Q8_0.gguf" and report["tensors"] > 0
+    assert (
+        Path(report["llm"]["path"]) == tmp_path / f"{tiny_dir.name}-Q8_0.gguf"
+        and report["llm"]["tensors"] > 0
+    )
+    mm = Path(report["mmproj"]["path"])
+    assert mm == tmp_path / f"mmproj-{tiny_dir.name}-F16.gguf" and mm.is_file()
+    assert gguf.GGUFReader(mm).get_field("clip.projector_type").contents() == "internvl"
     r = runner.invoke(_cli(), ["gguf", str(tiny_dir), "--out", str(tmp_path), "--type", "Q8_0"])
     assert r.exit_code == 2 and "already exists" in r.output and len(r.output.strip().splitlines()) == 1
     r = runner.invoke(_cli(), ["gguf", str(tiny_dir), "--out", str(tmp_path), "--type", "Q7"])

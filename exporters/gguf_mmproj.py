@@ -1,0 +1,338 @@
+"""The vision tower and mlp1 of an R1V checkpoint as a llama.cpp mmproj GGUF (`clip`, projector `internvl`).
+
+Layout = what llama.cpp's `convert_hf_to_gguf.py --mmproj` writes for InternVL: fused `attn.qkv` split in
+thirds, 1-D tensors, norms, biases, layer scales, `v.class_embd` and `v.position_embd` in F32, the patch
+conv in F16 (F16 file) or F32, every other 2-D weight in the file type.
+
+Two things differ from a plain conversion, because llama.cpp's InternVL graph is not InternVL's:
+
+* position rows. llama.cpp appends CLS *after* the patches and adds the stored table in order, so patch k
+  gets row k and CLS the last row; InternVL puts CLS first (patch k gets row k+1). `position_fix="shift"`
+  stores the table rotated (rows 1..N-1, then row 0) so llama.cpp's order yields InternVL's sums exactly;
+  `"none"` stores it unchanged (for a llama.cpp that fixed its order); `"auto"` (default) runs a small
+  probe mmproj through the installed libmtmd and picks whichever of the two reproduces the torch
+  reference (`detect_position_order`). Without llama-cpp-python, auto falls back to "shift" (the behaviour
+  of every llama.cpp with InternVL support up to the one vendored by llama-cpp-python 0.3.36), with a
+  warning. CLS never reaches the output (llama.cpp drops it before the pixel shuffle, as InternVL does).
+* tiling. llama.cpp picks a different grid for non-square images; `mtmd_runtime` feeds InternVL's tiles.
+
+Quantization fallback: a 2-D weight whose row length the block size does not divide is written in F16 with
+a warning (llama.cpp's converter does the same); with `strict=True` it raises R1VError instead. For the
+real InternViT-6B (3200, 12800, 5120) Q8_0's 32-blocks divide every row, so no fallback happens there.
+
+Memory: tensor infos are declared from the checkpoint header first, then each tensor is read, converted and
+appended (the fused qkv is read once for its three parts); the file appears under its name when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r1v_quant.atomic import atomic_file
+from r1v_quant.checkpoint import open_checkpoint
+from r1v_quant.errors import R1VError
+from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from r1v_quant.spec import VIT_PREFIX, ModelSpec
+
+log = logging.getLogger(__name__)
+
+MMPROJ_TYPES: dict[str, str] = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
+POSITION_FIXES = ("auto", "shift", "none")
+POSITION_KEY = "r1v_quant.position_fix"
+F16_MAX = 65504.0
+ROW_BLOCK_BYTES = 256 * 1024**2  # float32 scratch per conversion step
+
+EMB = "vision_model.embeddings"
+# checkpoint suffix under a ViT layer -> GGUF suffix under v.blk.N (qkv is handled apart: it splits)
+LAYER_TENSORS: dict[str, str] = {
+    "attn.q_norm.weight": "attn_q_norm.weight",
+    "attn.k_norm.weight": "attn_k_norm.weight",
+    "attn.proj.weight": "attn_out.weight",
+    "attn.proj.bias": "attn_out.bias",
+    "norm1.weight": "ln1.weight",
+    "norm1.bias": "ln1.bias",
+    "norm2.weight": "ln2.weight",
+    "norm2.bias": "ln2.bias",
+    "mlp.fc1.weight": "ffn_up.weight",
+    "mlp.fc1.bias": "ffn_up.bias",
+    "mlp.fc2.weight": "ffn_down.weight",
+    "mlp.fc2.bias": "ffn_down.bias",
+    "ls1": "ls1.weight",
+    "ls2": "ls2.weight",
+}
+QKV_PARTS = ("attn_q", "attn_k", "attn_v")
+
+
+def import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as e:
+        raise R1VError(f"the gguf package is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
+    return gguf
+
+
+def normalize_mmproj_type(mmproj_type: str) -> str:
+    name = str(mmproj_type).upper()
+    if name not in MMPROJ_TYPES:
+        raise R1VError(f"unsupported mmproj type {mmproj_type!r}: expected one of {', '.join(MMPROJ_TYPES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class MmprojTensor:
+    name: str  # GGUF name
+    source: str  # checkpoint tensor it comes from
+    part: int | None  # 0/1/2 = q/k/v third of a fused qkv tensor, None = whole tensor
+    shape: tuple[int, ...]  # logical numpy shape as stored
+    qtype: Any  # gguf.GGMLQuantizationType
+    nbytes: int
+
+
+def _source_shapes(spec: ModelSpec) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
+    """(gguf name, checkpoint name, qkv part, shape) for every mmproj tensor, in file order."""
+    v = spec.vision
+    c = v.hidden_size
+    shapes = spec.tensor_shapes()
+    whole = [
+        ("v.class_embd", f"{EMB}.class_embedding"),
+        ("v.patch_embd.weight", f"{EMB}.patch_embedding.weight"),
+        ("v.patch_embd.bias", f"{EMB}.patch_embedding.bias"),
+        ("v.position_embd.weight", f"{EMB}.position_embedding"),
+    ]
+    out: list[tuple[str, str, int | None, tuple[int, ...]]] = [(g, h, None, shapes[h]) for g, h in whole]
+    layer_shapes = spec.vision_layer_shapes()
+    for i in range(v.num_layers):
+        src = f"{VIT_PREFIX}.{i}"
+        for kind in ("weight", "bias"):
+            if f"attn.qkv.{kind}" in layer_shapes:
+                shape = (c, c) if kind == "weight" else (c,)
+                for p, part in enumerate(QKV_PARTS):
+                    out.append((f"v.blk.{i}.{part}.{kind}", f"{src}.attn.qkv.{kind}", p, shape))
+        for key, gname in LAYER_TENSORS.items():
+            if key in layer_shapes:
+                out.append((f"v.blk.{i}.{gname}", f"{src}.{key}", None, layer_shapes[key]))
+    for idx in (0, 1, 3):
+        for kind in ("weight", "bias"):
+            hf = f"mlp1.{idx}.{kind}"
+            out.append((f"mm.model.mlp.{idx}.{kind}", hf, None, shapes[hf]))
+    return out
+
+
+def plan_mmproj(
+    spec: ModelSpec, mmproj_type: str = "F16", *, strict: bool = False
+) -> tuple[list[MmprojTensor], list[str]]:
+    """Every mmproj tensor with its storage type and size, plus the names that fell back to F16."""
+    gguf = import_gguf()
+    q = gguf.GGMLQuantizationType
+    mmproj_type = normalize_mmproj_type(mmproj_type)
+    target = q[mmproj_type]
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    plan: list[MmprojTensor] = []
+    fallback: list[str] = []
+    for name, source, part, shape in _source_shapes(spec):
+        if name == "v.patch_embd.weight":
+            # The converter's rule: a conv kernel is never block-quantized.
+            qtype = q.F16 if mmproj_type == "F16" else q.F32
+        elif len(shape) != 2 or not name.endswith(".weight") or "norm" in name:
+            qtype = q.F32  # 1-D tensors, norms, CLS and the position table: small, and precision matters
+        elif shape[-1] % block:
+            if strict:
+                raise R1VError(
+                    f"{mmproj_type} cannot store {name} {list(shape)}: its row length {shape[-1]} is not a "
+                    f"multiple of the {block}-element block (use F16, or strict=False to fall back to F16)"
+                )
+            qtype = q.F16
+            fallback.append(name)
+        else:
+            qtype = target
+        if qtype in (q.F32, q.F16):
+            nbytes = math.prod(shape) * (4 if qtype == q.F32 else 2)
+        else:
+            nbytes = math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
+        plan.append(MmprojTensor(name, source, part, shape, qtype, nbytes))
+    return plan, fallback
+
+
+def add_mmproj_metadata(writer: Any, spec: ModelSpec, name: str, mmproj_type: str) -> None:
+    gguf = import_gguf()
+    v = spec.vision
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[MMPROJ_TYPES[mmproj_type]])
+    if mmproj_type == "Q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(gguf.VisionProjectorType.INTERNVL)
+    writer.add_vision_image_size(v.image_size)
+    writer.add_vision_patch_size(v.patch_size)
+    writer.add_vision_embedding_length(v.hidden_size)
+    writer.add_vision_feed_forward_length(v.intermediate_size)
+    writer.add_vision_block_count(v.num_layers)
+    writer.add_vision_head_count(v.num_heads)
+    writer.add_vision_attention_layernorm_eps(v.eps)
+    writer.add_vision_projection_dim(spec.llm.hidden_size)
+    writer.add_vision_image_mean(list(IMAGENET_MEAN))
+    writer.add_vision_image_std(list(IMAGENET_STD))
+    writer.add_vision_projector_scale_factor(round(1 / spec.downsample_ratio))
+    writer.add_vision_preproc_min_tiles(spec.min_dynamic_patch)
+    writer.add_vision_preproc_max_tiles(spec.max_dynamic_patch)
+    writer.add_vision_use_gelu(True)  # parse_config accepts only gelu for the ViT
+
+
+def shift_positions(table: torch.Tensor) -> torch.Tensor:
+    """Rows 1..N-1 then row 0: llama.cpp's patches-then-CLS order then adds InternVL's row to each token."""
+    return torch.cat([table[:, 1:], table[:, :1]], dim=1)
+
+
+def _convert(t: MmprojTensor, src: torch.Tensor, shift: bool) -> np.ndarray:
+    """One tensor in its storage type (row blocks bound the float32 scratch for big weights)."""
+    gguf = import_gguf()
+    q = gguf.GGMLQuantizationType
+    if t.part is not None:
+        n = src.shape[0] // 3
+        src = src[t.part * n : (t.part + 1) * n]
+    if shift:
+        src = shift_positions(src)
+    if tuple(src.shape) != t.shape:
+        raise R1VError(f"{t.source}: shape {list(src.shape)} does not match the config's {list(t.shape)}")
+    if t.qtype == q.F32:
+        return np.ascontiguousarray(src.float().numpy())
+    rows, cols = src.shape[0], math.prod(src.shape[1:])
+    flat = src.reshape(rows, cols)
+    if t.qtype == q.F16:
+        out = np.empty((rows, cols), np.float16)
+    else:
+        out = np.empty(gguf.quant_shape_to_byte_shape((rows, cols), t.qtype), np.uint8)
+    step = max(1, ROW_BLOCK_BYTES // (4 * cols))
+    for i in range(0, rows, step):
+        block = flat[i : i + step].float().numpy()
+        if t.qtype == q.F16 and np.abs(block).max(initial=0.0) > F16_MAX:
+            raise R1VError(f"tensor {t.source!r} has values beyond the float16 range: export F32 instead")
+        out[i : i + step] = gguf.quants.quantize(block, t.qtype)
+    return out.reshape(t.shape) if t.qtype == q.F16 else out
+
+
+def write_mmproj(
+    path: Path,
+    spec: ModelSpec,
+    get: Callable[[str], torch.Tensor],
+    plan: list[MmprojTensor],
+    *,
+    mmproj_type: str,
+    position_fix: str,
+    name: str,
+) -> None:
+    """Write the planned tensors (read through `get`) to `path` (not atomic). `position_fix`: shift|none."""
+    gguf = import_gguf()
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    try:
+        add_mmproj_metadata(writer, spec, name, mmproj_type)
+        # Which row order the position table is stored in (llama.cpp ignores unknown keys).
+        writer.add_string(POSITION_KEY, position_fix)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file(path=Path(path))
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        cached: tuple[str, torch.Tensor] | None = None  # the fused qkv is read once for its three parts
+        for t in plan:
+            if cached is None or cached[0] != t.source:
+                cached = (t.source, get(t.source))
+            shift = position_fix == "shift" and t.name == "v.position_embd.weight"
+            writer.write_tensor_data(_convert(t, cached[1], shift))
+    finally:
+        writer.close()
+
+
+def resolve_position_fix(position_fix: str) -> tuple[str, dict[str, Any]]:
+    """'shift' or 'none' for the installed llama.cpp, and what the probe measured (auto only)."""
+    if position_fix not in POSITION_FIXES:
+        raise R1VError(f"unknown position_fix {position_fix!r}: expected one of {', '.join(POSITION_FIXES)}")
+    if position_fix != "auto":
+        return position_fix, {}
+    try:
+        from .mtmd_runtime import detect_position_order
+    except ImportError as e:  # pragma: no cover - llama-cpp-python is an optional extra
+        log.warning("position_fix=auto: llama-cpp-python unavailable (%s); writing 'shift'", e)
+        return "shift", {"probe": "unavailable"}
+    try:
+        probe = detect_position_order()
+    except R1VError as e:
+        if "not installed" not in str(e):
+            raise
+        log.warning("position_fix=auto: %s; writing 'shift' (llama.cpp's known order)", e)
+        return "shift", {"probe": "unavailable"}
+    return probe["position_fix"], probe
+
+
+def export_mmproj_gguf(
+    model_dir: Path | str,
+    out_path: Path | str,
+    mmproj_type: str = "F16",
+    *,
+    position_fix: str = "auto",
+    strict: bool = False,
+    flavor: str | None = None,
+) -> dict[str, Any]:
+    """Export the vision tower + mlp1 of the checkpoint at `model_dir` as an mmproj GGUF at `out_path`.
+
+    `mmproj_type`: F16 | F32 | Q8_0 (2-D weights; see the module docstring for the fixed-type tensors).
+    `position_fix`: auto | shift | none (module docstring). `strict`: raise instead of falling back to F16
+    for rows a Q8_0 block does not divide. Returns a report: path, type, position_fix, tensors, bytes,
+    f16_fallback, probe (auto only), seconds.
+    """
+    t0 = time.perf_counter()
+    mmproj_type = normalize_mmproj_type(mmproj_type)
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise R1VError(f"{out_path}: already exists (choose another path or remove it)")
+    ckpt = open_checkpoint(model_dir, flavor=flavor)
+    spec = ckpt.spec
+    if spec.is_quantized:
+        raise R1VError(f"{model_dir}: quantized checkpoint; mmproj export needs the 16-bit original")
+    if spec.ps_version != "v2":
+        # llama.cpp has only the v2 pixel shuffle; v1 transposes the token grid of every tile.
+        log.warning(
+            "ps_version %r: llama.cpp's graph orders tokens as v2; use mtmd_runtime (which reorders) "
+            "or expect transposed image tokens in llama.cpp",
+            spec.ps_version,
+        )
+    plan, fallback = plan_mmproj(spec, mmproj_type, strict=strict)
+    for name in fallback:
+        log.warning("%s: row length not a multiple of the %s block; written as F16", name, mmproj_type)
+    fix, probe = resolve_position_fix(position_fix)
+    with atomic_file(out_path) as tmp:
+        write_mmproj(
+            tmp, spec, ckpt.get, plan, mmproj_type=mmproj_type, position_fix=fix, name=ckpt.path.name
+        )
+        _default_mode(tmp)
+    report: dict[str, Any] = {
+        "path": str(out_path),
+        "type": mmproj_type,
+        "position_fix": fix,
+        "position_fix_requested": position_fix,
+        "tensors": len(plan),
+        "bytes": out_path.stat().st_size,
+        "f16_fallback": fallback,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if probe:
+        report["probe"] = probe
+    return report
+
+
+def _default_mode(path: Path) -> None:
+    """The permissions a plain open() would give (atomic_file's mkstemp makes the file 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,509 @@
+"""Image embeddings from an mmproj GGUF through llama.cpp's libmtmd, tiled the InternVL way.
+
+llama.cpp tiles InternVL images its own way (llava-uhd `select_best_resolution`, aspect-preserving black
+padding, bilinear overview), which for non-square images gives a different grid than InternVL's
+`find_closest_aspect_ratio` + stretch, so a different token sequence. `MtmdVision.image_embeds` instead
+tiles with `r1v_quant.preprocess` (InternVL's rule, bicubic) and feeds each 448x448 tile to libmtmd on its
+own: an image of exactly the tile size is one llama.cpp tile with no resize (its resize is a plain copy at
+equal size), so libmtmd only normalises and encodes it. The per-tile embeddings are concatenated in
+InternVL order (tiles row-major, thumbnail last): the sequence the reference model writes over the
+`<IMG_CONTEXT>` tokens.
+
+libmtmd needs a text model only for its vocabulary (it tokenises the `<img>`/`</img>` text around an image
+chunk); a vocab-only load reads no tensors. Without a text GGUF, a stub one (byte-level BPE vocab with the
+two tags, no tensors) is written to a temporary directory, so encoding never loads the 32B decoder.
+
+`detect_position_order` runs a small random probe mmproj through the installed libmtmd to tell which
+position-row order it uses (see gguf_mmproj).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from r1v_quant.errors import R1VError
+from r1v_quant.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image, to_tensor
+from r1v_quant.spec import ModelSpec, parse_config
+
+
+def import_mtmd() -> tuple[Any, Any]:
+    try:
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+    except (ImportError, OSError) as e:
+        raise R1VError(
+            f"llama-cpp-python (libmtmd) is not installed ({e}): pip install 'r1v-quant[gguf]'"
+        ) from None
+    return llama_cpp, mtmd_cpp
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    # libllama and libmtmd print through llama-cpp-python's logger; INFO lines per tensor otherwise.
+    logger = logging.getLogger("llama-cpp-python")
+    old = logger.level
+    logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+def write_stub_text_gguf(path: Path | str) -> Path:
+    """A tensor-less qwen2 GGUF whose vocabulary holds the 256 byte tokens plus `<img>` and `</img>`.
+
+    Only for `vocab_only` loading as libmtmd's text model: libmtmd tokenises the image tags with it and
+    checks nothing else when the model has no hyper-parameters loaded.
+    """
+    import gguf
+
+    path = Path(path)
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = [*byte_chars, "ĠĠ", IMG_START, IMG_END, "<|endoftext|>"]
+    types = [gguf.TokenType.NORMAL] * (len(byte_chars) + 1) + [gguf.TokenType.CONTROL] * 3
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    try:
+        writer.add_name("r1v-quant mtmd vocab stub")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(["Ġ Ġ"])  # the BPE loader requires a merges list
+        # An eos llama.cpp knows as end-of-generation (else it warns while loading).
+        writer.add_bos_token_id(len(tokens) - 1)
+        writer.add_eos_token_id(len(tokens) - 1)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        writer.write_header_to_file(path=path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    finally:
+        writer.close()
+    return path
+
+
+def _mmproj_meta(path: Path) -> dict[str, int]:
+    """Output width, tile size and tokens per tile, read from the mmproj header."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise R1VError(f"{path}: not a readable GGUF file ({e})") from None
+
+    def scalar(key: str) -> int:
+        field = reader.get_field(key)
+        if field is None:
+            raise R1VError(f"{path}: no {key} (not an InternVL mmproj GGUF)")
+        return int(field.contents())
+
+    proj = reader.get_field("clip.projector_type")
+    if proj is None or proj.contents() != "internvl":
+        raise R1VError(f"{path}: projector type is not 'internvl'")
+    out = next((t for t in reader.tensors if t.name == "mm.model.mlp.3.weight"), None)
+    if out is None:
+        raise R1VError(f"{path}: no mm.model.mlp.3.weight")
+    size, patch = scalar("clip.vision.image_size"), scalar("clip.vision.patch_size")
+    scale = scalar("clip.vision.projector.scale_factor")
+    return {
+        "n_embd": int(out.shape[-1]) if len(out.shape) == 2 else int(out.shape[0]),
+        "image_size": size,
+        "tokens_per_tile": (size // patch // scale) ** 2,
+    }
+
+
+class MtmdVision:
+    """A libmtmd context for one mmproj GGUF, used to encode images (no text generation).
+
+    `text_model`: a text GGUF whose vocabulary has `<img>`/`</img>` (loaded vocab-only); None writes a stub.
+    Use as a context manager or call `close()`.
+    """
+
+    def __init__(
+        self,
+        mmproj: Path | str,
+        *,
+        text_model: Path | str | None = None,
+        n_threads: int | None = None,
+        use_gpu: bool = False,
+        verbose: bool = False,
+    ):
+        self.llama_cpp, self.mtmd = import_mtmd()
+        self.path = Path(mmproj)
+        if not self.path.is_file():
+            raise R1VError(f"{self.path}: no such mmproj file")
+        self.verbose = verbose
+        meta = _mmproj_meta(self.path)
+        self.n_embd: int = meta["n_embd"]
+        self.image_size: int = meta["image_size"]
+        self.tokens_per_tile: int = meta["tokens_per_tile"]
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._model: Any = None
+        self._ctx: Any = None
+        try:
+            self._open(text_model, n_threads or os.cpu_count() or 1, use_gpu)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, text_model: Path | str | None, n_threads: int, use_gpu: bool) -> None:
+        lc, mtmd = self.llama_cpp, self.mtmd
+        if text_model is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="r1v-mtmd-")
+            text_model = write_stub_text_gguf(Path(self._tmp.name) / "vocab-stub.gguf")
+        with _quiet(self.verbose):
+            # Route libmtmd/clip logs through the same logger as libllama's.
+            from llama_cpp._logger import llama_log_callback
+
+            mtmd.mtmd_log_set(llama_log_callback, ctypes.c_void_p(0))
+            mparams = lc.llama_model_default_params()
+            mparams.vocab_only = True  # the vocabulary is all libmtmd uses; no tensors are read
+            self._model = lc.llama_model_load_from_file(str(text_model).encode(), mparams)
+            if not self._model:
+                raise R1VError(f"{text_model}: llama.cpp could not load it as a text model")
+            cparams = mtmd.mtmd_context_params_default()
+            cparams.use_gpu = use_gpu
+            cparams.print_timings = self.verbose
+            cparams.n_threads = n_threads
+            cparams.warmup = False
+            self._ctx = mtmd.mtmd_init_from_file(str(self.path).encode(), self._model, cparams)
+        if not self._ctx:
+            raise R1VError(f"{self.path}: libmtmd could not load this mmproj (run with verbose=True)")
+        if not mtmd.mtmd_support_vision(self._ctx):
+            raise R1VError(f"{self.path}: libmtmd reports no vision support")
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self.mtmd.mtmd_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            self.llama_cpp.llama_model_free(self._model)
+            self._model = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> MtmdVision:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- encoding ---------------------------------------------------------------------------------------
+    def encode_rgb(self, rgb: np.ndarray) -> np.ndarray:
+        """Encode one H x W x 3 uint8 image as llama.cpp would (its own tiling): (tokens, n_embd)."""
+        mtmd = self.mtmd
+        if self._ctx is None:
+            raise R1VError("MtmdVision is closed")
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise R1VError(f"expected an H x W x 3 RGB array, got shape {rgb.shape}")
+        h, w = rgb.shape[:2]
+        data = rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        bitmap = mtmd.mtmd_bitmap_init(w, h, data)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            part = mtmd.mtmd_input_part(text=None, bitmap=bitmap)
+            parts = (ctypes.POINTER(mtmd.mtmd_input_part) * 1)(ctypes.pointer(part))
+            with _quiet(self.verbose):
+                rc = mtmd.mtmd_tokenize_from_parts(self._ctx, chunks, parts, 1, False)
+            if rc != 0:
+                raise R1VError(f"libmtmd could not preprocess a {w}x{h} image (code {rc})")
+            every = [
+                mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))
+            ]
+            image_type = mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE  # the others are the <img> / </img> text
+            images = [c for c in every if mtmd.mtmd_input_chunk_get_type(c) == image_type]
+            if not images:
+                raise R1VError(f"libmtmd made no image chunk from a {w}x{h} image")
+            outs = []
+            for chunk in images:  # llama.cpp's own slicing gives one chunk per slice, overview last
+                n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                with _quiet(self.verbose):
+                    rc = mtmd.mtmd_encode_chunk(self._ctx, chunk)
+                if rc != 0:
+                    raise R1VError(f"libmtmd failed to encode a {w}x{h} image (code {rc})")
+                ptr = mtmd.mtmd_get_output_embd(self._ctx)
+                outs.append(np.ctypeslib.as_array(ptr, shape=(n_tokens * self.n_embd,)).reshape(n_tokens, -1))
+            return np.concatenate(outs)  # concatenate copies out of libmtmd's buffer
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+
+    def encode_tile(self, tile: Image.Image) -> np.ndarray:
+        """One square tile -> (tokens_per_tile, n_embd); refuses input llama.cpp would resize or slice."""
+        if tile.size != (self.image_size, self.image_size):
+            raise R1VError(
+                f"a tile must be {self.image_size}x{self.image_size}, got {tile.size[0]}x{tile.size[1]}"
+            )
+        out = self.encode_rgb(np.asarray(tile.convert("RGB")))
+        if out.shape[0] != self.tokens_per_tile:
+            # llama.cpp sliced or resized the tile: the output would not be InternVL's
+            raise R1VError(
+                f"libmtmd made {out.shape[0]} tokens from one tile, expected {self.tokens_per_tile}"
+            )
+        return out
+
+    def encode_tiles(self, tiles: Sequence[Image.Image], *, ps_version: str = "v2") -> np.ndarray:
+        """(len(tiles), tokens_per_tile, n_embd); each tile encoded on its own, in the given order."""
+        outs = [self.encode_tile(t) for t in tiles]
+        out = np.stack(outs) if outs else np.empty((0, self.tokens_per_tile, self.n_embd), np.float32)
+        if ps_version == "v1":
+            # llama.cpp's pixel shuffle is v2; v1 is the same tokens with the per-tile grid transposed.
+            side = int(round(self.tokens_per_tile**0.5))
+            out = out.reshape(len(outs), side, side, -1).transpose(0, 2, 1, 3).reshape(out.shape)
+        return out
+
+    def image_embeds(
+        self,
+        image: ImageSource,
+        *,
+        min_num: int = 1,
+        max_num: int = 12,
+        use_thumbnail: bool = True,
+        ps_version: str = "v2",
+    ) -> np.ndarray:
+        """InternVL-tiled image -> (tiles, tokens_per_tile, n_embd), the reference model's image_embeds."""
+        tiles = dynamic_tiles(
+            open_image(image),
+            min_num=min_num,
+            max_num=max_num,
+            image_size=self.image_size,
+            use_thumbnail=use_thumbnail,
+        )
+        return self.encode_tiles(tiles, ps_version=ps_version)
+
+    def image_embeds_for(
+        self, image: ImageSource, spec: ModelSpec, *, max_num: int | None = None
+    ) -> np.ndarray:
+        """`image_embeds` with the tiling settings of a checkpoint's spec (`max_num` overrides its max)."""
+        if not spec.dynamic_image_size:
+            img = open_image(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            return self.encode_tiles([img], ps_version=spec.ps_version)
+        return self.image_embeds(
+            image,
+            min_num=spec.min_dynamic_patch,
+            max_num=spec.max_dynamic_patch if max_num is None else max_num,
+            use_thumbnail=spec.use_thumbnail,
+            ps_version=spec.ps_version,
+        )
+
+
+# -- parity against the torch reference ------------------------------------------------------------------
+def load_reference_vision(
+    model_dir: Path | str, *, dtype: torch.dtype = torch.float32
+) -> tuple[ModelSpec, Callable[[torch.Tensor], torch.Tensor]]:
+    """The checkpoint's spec and its vision tower + mlp1 in torch as a function of pixel values.
+
+    Only `vision_model.*` and `mlp1.*` are read, so this works for the 38B without loading the decoder.
+    """
+    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.vision import Projector, VisionModel, extract_feature
+
+    ckpt = open_checkpoint(model_dir)
+    spec = ckpt.spec
+    with torch.device("meta"):
+        vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
+    for prefix, module in (("vision_model", vm), ("mlp1", mlp1)):
+        state = {k: v.to(dtype) for k, v in ckpt.with_prefix(prefix).items()}
+        module.load_state_dict(state, strict=True, assign=True)
+    vm.eval()
+    mlp1.eval()
+
+    @torch.no_grad()
+    def embeds(pixel_values: torch.Tensor) -> torch.Tensor:
+        return extract_feature(vm, mlp1, spec, pixel_values.to(dtype)).float()
+
+    return spec, embeds
+
+
+def embedding_parity(
+    model_dir: Path | str,
+    mmproj: Path | str,
+    images: Sequence[ImageSource],
+    *,
+    max_num: int | None = None,
+    n_threads: int | None = None,
+) -> dict[str, Any]:
+    """Per-token cosine of libmtmd (InternVL tiling) vs the torch reference over `images`: a quality gate.
+
+    Returns min / median / mean cosine over all tokens, tokens compared and per-image minima.
+    """
+    from r1v_quant.preprocess import preprocess_image
+
+    spec, ref = load_reference_vision(model_dir)
+    mins: list[float] = []
+    all_cos: list[np.ndarray] = []
+    with MtmdVision(mmproj, n_threads=n_threads) as mv:
+        for image in images:
+            pre = preprocess_image(
+                image,
+                image_size=spec.force_image_size,
+                min_num=spec.min_dynamic_patch,
+                max_num=spec.max_dynamic_patch if max_num is None else max_num,
+                use_thumbnail=spec.use_thumbnail,
+                dynamic=spec.dynamic_image_size,
+            )
+            cos = cosine_rows(mv.image_embeds_for(image, spec, max_num=max_num), ref(pre.pixel_values))
+            all_cos.append(cos)
+            mins.append(float(cos.min()))
+    cat = np.concatenate(all_cos) if all_cos else np.zeros(0)
+    if not cat.size:
+        raise R1VError("embedding_parity needs at least one image")
+    return {
+        "min": float(cat.min()),
+        "median": float(np.median(cat)),
+        "mean": float(cat.mean()),
+        "tokens": int(cat.size),
+        "per_image_min": mins,
+    }
+
+
+# -- position-order probe -----------------------------------------------------------------------------
+PROBE_CONFIG: dict[str, Any] = {
+    "architectures": ["SkyworkR1VChatModel"],
+    "template": "skywork-r1v",
+    "downsample_ratio": 0.5,
+    "force_image_size": 448,
+    "ps_version": "v2",
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": 1,
+    "vision_config": {
+        "architectures": ["InternVisionModel"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "patch_size": 14,
+        "image_size": 448,
+        "qkv_bias": True,
+        "qk_normalization": False,
+        "norm_type": "layer_norm",
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+    },
+    "llm_config": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 1,
+        "vocab_size": 259,
+    },
+}
+
+
+def cosine_rows(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-token cosine similarity of two (..., n_embd) arrays of the same shape."""
+    x = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
+    y = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, np.shape(b)[-1])
+    if x.shape != y.shape:
+        raise R1VError(f"cannot compare {tuple(x.shape)} with {tuple(y.shape)} token embeddings")
+    return torch.nn.functional.cosine_similarity(x, y, dim=-1).numpy()
+
+
+def _probe_model(seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    from r1v_quant.vision import Projector, VisionModel
+
+    spec = parse_config(PROBE_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
+    state = {f"vision_model.{k}": v for k, v in vm.state_dict().items()}
+    state.update({f"mlp1.{k}": v for k, v in mlp1.state_dict().items()})
+    for k, v in state.items():
+        if k.endswith(("norm1.weight", "norm2.weight", "mlp1.0.weight")):
+            state[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        elif k.endswith("position_embedding"):
+            state[k] = torch.randn(v.shape, generator=g)  # large rows: a one-row shift is unmistakable
+        else:
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return spec, state
+
+
+def _reference(spec: ModelSpec, state: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
+    from r1v_quant.vision import Projector, VisionModel, extract_feature
+
+    vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
+    vm.load_state_dict(
+        {k[len("vision_model.") :]: v for k, v in state.items() if k.startswith("vision_model.")}
+    )
+    mlp1.load_state_dict({k[len("mlp1.") :]: v for k, v in state.items() if k.startswith("mlp1.")})
+    with torch.no_grad():
+        return extract_feature(vm.eval(), mlp1.eval(), spec, pixel_values)
+
+
+@functools.cache
+def detect_position_order(seed: int = 0) -> dict[str, Any]:
+    """Which stored position-row order makes the installed libmtmd reproduce InternVL: 'shift' or 'none'.
+
+    A random probe ViT (1 layer x 64, large random position table) is written unchanged ('none') and run
+    on one random tile; its output is compared with the torch reference in InternVL's order and with the
+    reference whose table is rotated the way a CLS-last graph reads it. Cached per process.
+    """
+    from .gguf_mmproj import plan_mmproj, write_mmproj
+
+    llama_cpp, _ = import_mtmd()
+    spec, state = _probe_model(seed)
+    rng = np.random.default_rng(seed)
+    tile = Image.fromarray(rng.integers(0, 256, (spec.vision.image_size,) * 2 + (3,), dtype=np.uint8))
+    pixels = torch.from_numpy(to_tensor(tile))[None]
+    ref = _reference(spec, state, pixels)
+    # What a CLS-last graph computes from an unchanged table: patch k gets row k, CLS the last row.
+    cls_last = dict(state)
+    table = state["vision_model.embeddings.position_embedding"]
+    cls_last["vision_model.embeddings.position_embedding"] = torch.roll(table, 1, dims=1)
+    ref_cls_last = _reference(spec, cls_last, pixels)
+    with tempfile.TemporaryDirectory(prefix="r1v-probe-") as td:
+        path = Path(td) / "probe-mmproj.gguf"
+        plan, _ = plan_mmproj(spec, "F32")
+        write_mmproj(
+            path, spec, state.__getitem__, plan, mmproj_type="F32", position_fix="none", name="probe"
+        )
+        with MtmdVision(path, n_threads=1) as mv:
+            got = mv.encode_tile(tile)
+    as_is = float(cosine_rows(got, ref[0]).min())
+    cls_last_cos = float(cosine_rows(got, ref_cls_last[0]).min())
+    result = {
+        "min_cosine_stored_order": round(as_is, 6),
+        "min_cosine_cls_last_order": round(cls_last_cos, 6),
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+    }
+    if as_is > 0.999 and as_is > cls_last_cos:
+        return {"position_fix": "none", **result}
+    if cls_last_cos > 0.999 and cls_last_cos > as_is:
+        return {"position_fix": "shift", **result}
+    raise R1VError(
+        f"position_fix=auto: the installed libmtmd matches neither position order ({result}); "
+        "pass position_fix='shift' or 'none' explicitly"
+    )
