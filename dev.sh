@@ -24,7 +24,7 @@ setup() {
     "$VENV/bin/pip" install -q "$TORCH_SPEC"
   fi
   local extras="calib,dev"
-  [ "$level" = full ] && extras="gguf,calib,dev"
+  [ "$level" = full ] && extras="gguf,onnx,calib,dev"
   echo "==> installing r1v-quant[$extras] (editable)"
   "$VENV/bin/pip" install -q -e ".[$extras]"
 }

@@ -19,6 +19,7 @@ LAZY_COMMANDS = {
     "calibrate": "r1v_quant.calibration.cli:calibrate_command",
     "awq": "r1v_quant.exporters.awq_cli:awq_command",
     "gguf": "r1v_quant.exporters.cli_gguf:gguf_command",
+    "onnx": "r1v_quant.exporters.onnx_cli:onnx_command",
 }
 EXTRAS = {"gguf": "gguf", "llama_cpp": "gguf", "onnx": "onnx", "onnxruntime": "onnx", "skimage": "calib"}
 
