@@ -11,20 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1v_quant.norms import RMSNorm
 from r1v_quant.spec import LLMSpec
 
-
-class Qwen2RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+Qwen2RMSNorm = RMSNorm  # same computation; the name mirrors transformers'
 
 
 def rope_cos_sin(

@@ -10,22 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1v_quant.norms import RMSNorm
 from r1v_quant.spec import ModelSpec, VisionSpec
-
-
-class RMSNorm(nn.Module):
-    """InternRMSNorm: computed in float32, weight applied in the input dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 def make_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
