@@ -16,12 +16,9 @@ is read from its memory-mapped shard, converted in row blocks and appended to th
 
 from __future__ import annotations
 
-import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,8 @@ from r1v_quant.checkpoint import Checkpoint, open_checkpoint
 from r1v_quant.errors import R1VError
 from r1v_quant.spec import LLM_PREFIX, ModelSpec, read_config
 
+from .gguf_common import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
+from .gguf_common import import_gguf, llama_log, quantize_rows
 from .gguf_vocab import add_vocab, load_vocab
 from .quantize import (
     LLAMA_TYPES,
@@ -64,16 +63,7 @@ LAYER_TENSORS = {
 # Non-persistent buffers some exports carry; llama.cpp computes RoPE itself.
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-ROW_BLOCK_BYTES = 256 * 1024**2  # float32 scratch per conversion step, whatever the tensor size
-F16_MAX = 65504.0
-
-
-def import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError as e:
-        raise R1VError(f"the gguf package is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
-    return gguf
+ROW_BLOCK_BYTES = COMMON_ROW_BLOCK_BYTES  # module-level so a test can shrink it
 
 
 def gguf_tensor_name(hf_name: str, num_layers: int) -> str | None:
@@ -137,26 +127,10 @@ def plan_tensors(ckpt: Checkpoint, gguf_type: str) -> list[PlannedTensor]:
 
 def _convert(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
     """One tensor in its GGUF storage type, converted in row blocks to bound the float32 scratch."""
-    gguf = import_gguf()
-    q = gguf.GGMLQuantizationType
     src = ckpt.get(t.hf_name)
     if src.dim() == 1:
         return src.float().numpy()
-    rows, cols = src.shape[0], math.prod(src.shape[1:])
-    src = src.reshape(rows, cols)
-    if t.qtype == q.F32:
-        out = np.empty((rows, cols), np.float32)
-    elif t.qtype == q.F16:
-        out = np.empty((rows, cols), np.float16)
-    else:
-        out = np.empty(gguf.quant_shape_to_byte_shape((rows, cols), t.qtype), np.uint8)
-    step = max(1, ROW_BLOCK_BYTES // (4 * cols))
-    for i in range(0, rows, step):
-        block = src[i : i + step].float().numpy()
-        if t.qtype == q.F16 and np.abs(block).max(initial=0.0) > F16_MAX:
-            raise R1VError(f"tensor {t.hf_name!r} has values beyond the float16 range: export BF16 instead")
-        out[i : i + step] = gguf.quants.quantize(block, t.qtype)
-    return out.reshape(t.shape) if t.qtype in (q.F32, q.F16) else out
+    return quantize_rows(src, t.qtype, t.shape, t.hf_name, "export BF16 instead", ROW_BLOCK_BYTES)
 
 
 def add_hparams(writer: Any, spec: ModelSpec, name: str, file_type: int) -> None:
@@ -247,18 +221,6 @@ def _intermediate_type(ckpt: Checkpoint) -> str:
     return "BF16" if dtypes == {"BF16"} else "F16"
 
 
-@contextmanager
-def _llama_log(verbose: bool) -> Iterator[None]:
-    # llama-cpp-python prints libllama's log through this logger (INFO per tensor while quantizing).
-    logger = logging.getLogger("llama-cpp-python")
-    old = logger.level
-    logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
 def export_llm_gguf(
     model_dir: Path | str,
     out_path: Path | str,
@@ -302,7 +264,7 @@ def export_llm_gguf(
         with tempfile.TemporaryDirectory(prefix=".r1v-gguf-", dir=scratch) as td:
             src = Path(td) / f"{name}-{src_type}.gguf"
             n = write_llm_gguf(ckpt, src, src_type, name=name, progress=progress)
-            with _llama_log(progress):
+            with llama_log(progress):
                 llama_quantize(src, out_path, gguf_type, nthread=nthread)
         report["intermediate"] = src_type
     report.update(bytes=out_path.stat().st_size, tensors=n, seconds=round(time.perf_counter() - t0, 2))

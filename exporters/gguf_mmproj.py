@@ -44,13 +44,13 @@ from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from r1v_quant.spec import VIT_PREFIX, ModelSpec
 
+from .gguf_common import import_gguf, quantize_rows
+
 log = logging.getLogger(__name__)
 
 MMPROJ_TYPES: dict[str, str] = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
 POSITION_FIXES = ("auto", "shift", "none")
 POSITION_KEY = "r1v_quant.position_fix"
-F16_MAX = 65504.0
-ROW_BLOCK_BYTES = 256 * 1024**2  # float32 scratch per conversion step
 
 EMB = "vision_model.embeddings"
 # checkpoint suffix under a ViT layer -> GGUF suffix under v.blk.N (qkv is handled apart: it splits)
@@ -71,14 +71,6 @@ LAYER_TENSORS: dict[str, str] = {
     "ls2": "ls2.weight",
 }
 QKV_PARTS = ("attn_q", "attn_k", "attn_v")
-
-
-def import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError as e:
-        raise R1VError(f"the gguf package is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
-    return gguf
 
 
 def normalize_mmproj_type(mmproj_type: str) -> str:
@@ -207,19 +199,7 @@ def _convert(t: MmprojTensor, src: torch.Tensor, shift: bool) -> np.ndarray:
         raise R1VError(f"{t.source}: shape {list(src.shape)} does not match the config's {list(t.shape)}")
     if t.qtype == q.F32:
         return np.ascontiguousarray(src.float().numpy())
-    rows, cols = src.shape[0], math.prod(src.shape[1:])
-    flat = src.reshape(rows, cols)
-    if t.qtype == q.F16:
-        out = np.empty((rows, cols), np.float16)
-    else:
-        out = np.empty(gguf.quant_shape_to_byte_shape((rows, cols), t.qtype), np.uint8)
-    step = max(1, ROW_BLOCK_BYTES // (4 * cols))
-    for i in range(0, rows, step):
-        block = flat[i : i + step].float().numpy()
-        if t.qtype == q.F16 and np.abs(block).max(initial=0.0) > F16_MAX:
-            raise R1VError(f"tensor {t.source!r} has values beyond the float16 range: export F32 instead")
-        out[i : i + step] = gguf.quants.quantize(block, t.qtype)
-    return out.reshape(t.shape) if t.qtype == q.F16 else out
+    return quantize_rows(src, t.qtype, t.shape, t.source, "export F32 instead")
 
 
 def write_mmproj(

@@ -22,10 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image, to_tensor
 from r1v_quant.spec import ModelSpec, parse_config
 
+from .gguf_common import llama_log
+
 
 def import_mtmd() -> tuple[Any, Any]:
     try:
@@ -47,18 +48,6 @@ def import_mtmd() -> tuple[Any, Any]:
             f"llama-cpp-python (libmtmd) is not installed ({e}): pip install 'r1v-quant[gguf]'"
         ) from None
     return llama_cpp, mtmd_cpp
-
-
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    # libllama and libmtmd print through llama-cpp-python's logger; INFO lines per tensor otherwise.
-    logger = logging.getLogger("llama-cpp-python")
-    old = logger.level
-    logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -177,7 +166,7 @@ class MtmdVision:
         if text_model is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="r1v-mtmd-")
             text_model = write_stub_text_gguf(Path(self._tmp.name) / "vocab-stub.gguf")
-        with _quiet(self.verbose):
+        with llama_log(self.verbose):
             # Route libmtmd/clip logs through the same logger as libllama's.
             from llama_cpp._logger import llama_log_callback
 
@@ -235,7 +224,7 @@ class MtmdVision:
         try:
             part = mtmd.mtmd_input_part(text=None, bitmap=bitmap)
             parts = (ctypes.POINTER(mtmd.mtmd_input_part) * 1)(ctypes.pointer(part))
-            with _quiet(self.verbose):
+            with llama_log(self.verbose):
                 rc = mtmd.mtmd_tokenize_from_parts(self._ctx, chunks, parts, 1, False)
             if rc != 0:
                 raise R1VError(f"libmtmd could not preprocess a {w}x{h} image (code {rc})")
@@ -249,7 +238,7 @@ class MtmdVision:
             outs = []
             for chunk in images:  # llama.cpp's own slicing gives one chunk per slice, overview last
                 n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                with _quiet(self.verbose):
+                with llama_log(self.verbose):
                     rc = mtmd.mtmd_encode_chunk(self._ctx, chunk)
                 if rc != 0:
                     raise R1VError(f"libmtmd failed to encode a {w}x{h} image (code {rc})")
