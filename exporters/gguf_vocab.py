@@ -9,14 +9,13 @@ matches USER_DEFINED text, CONTROL text only when asked to parse special tokens,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from r1v_quant.errors import R1VError
 from r1v_quant.tiny_tokenizer import QWEN2_PATTERN
-from r1v_quant.tokenizer import R1VTokenizer
+from r1v_quant.tokenizer import R1VTokenizer, read_json
 
 # `tokenizer.ggml.pre` per flavour. Both names select LLAMA_VOCAB_PRE_TYPE_QWEN2 in the llama.cpp vendored
 # by llama-cpp-python 0.3.36 (src/llama-vocab.cpp), whose regex is Qwen2's split with the (?i:…)
@@ -40,16 +39,6 @@ class GGUFVocab:
     eos_id: int | None
     pad_id: int | None
     chat_template: str | None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise R1VError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise R1VError(f"{path}: not a JSON object")
-    return data
 
 
 def looks_special(text: str) -> bool:
@@ -120,7 +109,7 @@ def load_vocab(
             raise R1VError(f"{model_dir}: no {name} (GGUF export needs the checkpoint's tokenizer files)")
     if flavor not in PRE_TOKENIZER:
         raise R1VError(f"unknown flavour {flavor!r}: expected one of {', '.join(PRE_TOKENIZER)}")
-    tok = _read_json(model_dir / "tokenizer.json")
+    tok = read_json(model_dir / "tokenizer.json")
     hf = R1VTokenizer.from_dir(model_dir)  # bos/eos/pad strings and chat template, as the runtime reads them
     _check_qwen2_bpe(tok, model_dir / "tokenizer.json")
 

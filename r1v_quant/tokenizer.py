@@ -19,7 +19,8 @@ from r1v_quant.errors import R1VError
 from r1v_quant.prompts import IMG_CONTEXT, IMG_END, IMG_START, THINK_END, THINK_START, get_chat_format
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or a one-line R1VError."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -93,9 +94,9 @@ class R1VTokenizer:
         except Exception as exc:  # the Rust side raises a bare Exception for malformed files
             raise R1VError(f"cannot load {tokenizer_file}: {exc}") from exc
         config_file = directory / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         gen_file = directory / "generation_config.json"
-        generation_config = _read_json(gen_file) if gen_file.is_file() else {}
+        generation_config = read_json(gen_file) if gen_file.is_file() else {}
         return cls(
             tokenizer,
             config=config,
