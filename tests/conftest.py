@@ -1,34 +1,58 @@
-"""Shared fixtures: the tiny replica is built once per test session (about a minute on 2 cores)."""
+"""Shared fixtures: the tiny replica is built once per test session (about a minute on 2 cores).
+
+Set R1V_TEST_CACHE=DIR to reuse replicas across sessions while developing: they are keyed by the source of
+every module that shapes them, so an edit there rebuilds. CI leaves it unset and builds fresh.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# Modules whose code decides the replica's bytes.
+_REPLICA_SOURCES = [
+    "tiny.py", "tiny_tokenizer.py", "synthdata.py", "llm.py", "vision.py", "model.py", "spec.py",
+    "checkpoint.py", "prompts.py", "preprocess.py", "tokenizer.py", "atomic.py", "norms.py",
+]  # fmt: skip
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **opts: object) -> Path:
+    from r1v_quant.tiny import TinyOptions, build_tiny
+
+    cache = os.environ.get("R1V_TEST_CACHE")
+    if not cache:
+        out = tmp_path_factory.mktemp(name) / name
+        build_tiny(out, TinyOptions(**opts))  # type: ignore[arg-type]
+        return out
+    h = hashlib.sha256(repr(sorted(opts.items())).encode())
+    for f in _REPLICA_SOURCES:
+        h.update((ROOT / "r1v_quant" / f).read_bytes())
+    out = Path(cache) / f"{name}-{h.hexdigest()[:16]}"
+    if not out.is_dir():
+        try:
+            build_tiny(out, TinyOptions(**opts))  # type: ignore[arg-type]
+        except Exception:
+            if not out.is_dir():  # another session may have finished the same build first
+                raise
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default trained replica: flavour r1v, layernorm ViT (llama.cpp-comparable), seed 0."""
-    from r1v_quant.tiny import TinyOptions, build_tiny
-
-    out = tmp_path_factory.mktemp("tiny") / "r1v-tiny"
-    build_tiny(out, TinyOptions())
-    return out
+    return _build(tmp_path_factory, "r1v-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_rms_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untrained RMSNorm (InternViT-6B style) replica, flavour r1v3: fast, for layout/forward checks."""
-    from r1v_quant.tiny import TinyOptions, build_tiny
-
-    out = tmp_path_factory.mktemp("tiny-rms") / "r1v3-tiny"
-    build_tiny(out, TinyOptions(flavor="r1v3", vit="rms", steps=0, seed=1))
-    return out
+    return _build(tmp_path_factory, "r1v3-tiny", flavor="r1v3", vit="rms", steps=0, seed=1)
 
 
 @pytest.fixture
