@@ -42,6 +42,7 @@ from .quantize import (
     set_default_mode,
 )
 
+FLAVOR_KEY = "r1v_quant.flavor"
 LM_PREFIX = "language_model."
 # HF name (prefix stripped) -> gguf MODEL_TENSOR member name; per-layer names take the layer index.
 GLOBAL_TENSORS = {
@@ -194,6 +195,7 @@ def write_llm_gguf(
         if gguf_type not in ("F32", "F16", "BF16"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(writer, vocab)
+        writer.add_string(FLAVOR_KEY, spec.flavor)  # which chat template family; llama.cpp ignores it
         for t in plan:
             # The logical shape with raw_dtype: the writer stores it (reversed) and trusts our byte count.
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

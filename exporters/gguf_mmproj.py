@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MMPROJ_TYPES: dict[str, str] = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
 POSITION_FIXES = ("auto", "shift", "none")
 POSITION_KEY = "r1v_quant.position_fix"
+TILING_KEYS = {k: f"r1v_quant.{k}" for k in ("use_thumbnail", "dynamic_image_size", "ps_version")}
 
 EMB = "vision_model.embeddings"
 # checkpoint suffix under a ViT layer -> GGUF suffix under v.blk.N (qkv is handled apart: it splits)
@@ -219,6 +220,10 @@ def write_mmproj(
         add_mmproj_metadata(writer, spec, name, mmproj_type)
         # Which row order the position table is stored in (llama.cpp ignores unknown keys).
         writer.add_string(POSITION_KEY, position_fix)
+        # InternVL tiling settings llama.cpp has no keys for; r1v-quant's runtime tiles by them.
+        writer.add_bool(TILING_KEYS["use_thumbnail"], spec.use_thumbnail)
+        writer.add_bool(TILING_KEYS["dynamic_image_size"], spec.dynamic_image_size)
+        writer.add_string(TILING_KEYS["ps_version"], spec.ps_version)
         for t in plan:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         writer.write_header_to_file(path=Path(path))
