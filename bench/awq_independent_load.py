@@ -1,0 +1,138 @@
+"""Independent load check: r1v-quant's AWQ output, loaded by transformers + gptqmodel, gives our logits.
+
+r1v-quant reads its own AWQ checkpoints by unpacking `qweight`/`qzeros`/`scales` (exporters/awq_format).
+An independent reader is the real proof that the packing is the AutoAWQ GEMM layout: here transformers'
+AWQ path (which needs gptqmodel on CPU) loads the language model and must produce the same logits.
+
+transformers cannot load the whole InternVLChatModel without executing the checkpoint's remote code
+(which r1v-quant never does), so the check presents the language model the way transformers expects a
+Qwen2 AWQ model: `llm_config` + `quantization_config` as config.json and the `language_model.*` tensors
+without their prefix, bytes unchanged. That is the part AWQ quantized; the vision tower and mlp1 are
+16-bit and outside the question.
+
+gptqmodel 7.6.0 pins numpy==2.2.6, so it lives in its own virtual environment:
+
+    python3 -m venv /tmp/venv-gptq
+    /tmp/venv-gptq/bin/pip install torch==2.13.0 transformers==5.24.0
+    /tmp/venv-gptq/bin/pip install gptqmodel==7.6.0 numpy==2.2.6
+    python bench/awq_independent_load.py --python /tmp/venv-gptq/bin/python [--awq DIR]
+
+Without --awq the tiny replica is built and quantized first (a minute or two on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+PROMPTS = [
+    "The answer is 37 * 45 = 1665. Check: 37 * 45 = 37 * 40 + 37 * 5 = 1480 + 185 = 1665.",
+    "<think>\nThe triangle has base 6 and height 4, so its area is 12.</think>\n\nThe area is 12.",
+]
+
+CHILD = r"""
+import json, sys, numpy as np, torch
+from transformers import AutoModelForCausalLM
+view, ids_file, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(view, device_map={"": "cpu"}, dtype=torch.float16)
+kinds = sorted({type(m).__name__ for m in model.modules() if "awq" in type(m).__name__.lower()})
+logits = []
+with torch.no_grad():
+    for ids in json.load(open(ids_file)):
+        logits.append(model(torch.tensor([ids])).logits[0].float().numpy())
+np.savez(out, *logits)
+print(json.dumps({"awq_modules": kinds}))
+"""
+
+
+def make_awq(work: Path) -> Path:
+    from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
+    from r1v_quant.tiny import TinyOptions, build_tiny
+
+    tiny = work / "r1v-tiny"
+    build_tiny(tiny, TinyOptions())
+    out = work / "r1v-tiny-awq"
+    quantize_awq(tiny, out, AWQOptions(group_size=64, samples=4, seq_len=512), progress=True)
+    return out
+
+
+def transformers_view(awq: Path, view: Path) -> dict:
+    """config.json + model.safetensors of the language model, tensors byte-identical to the AWQ output."""
+    from r1v_quant.checkpoint import open_checkpoint
+
+    cfg = json.loads((awq / "config.json").read_text())
+    llm = dict(cfg["llm_config"])
+    llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    llm["quantization_config"] = cfg["quantization_config"]
+    view.mkdir(parents=True)
+    (view / "config.json").write_text(json.dumps(llm, indent=2))
+    ckpt = open_checkpoint(awq)
+    prefix = "language_model."
+    tensors = {n[len(prefix) :]: ckpt.get(n).contiguous() for n in ckpt.names() if n.startswith(prefix)}
+    save_file(tensors, str(view / "model.safetensors"))
+    return llm["quantization_config"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--python", required=True, help="python of a venv with transformers + gptqmodel 7.6.0")
+    ap.add_argument("--awq", type=Path, help="an r1v-quant AWQ output (default: quantize the tiny replica)")
+    args = ap.parse_args()
+
+    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.model import R1VModel
+    from r1v_quant.tokenizer import R1VTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="r1v-awq-load-") as tmp:
+        work = Path(tmp)
+        awq = args.awq or make_awq(work)
+        qc = transformers_view(awq, work / "view")
+        tok = R1VTokenizer.from_dir(awq)
+        ids = [tok.encode(p) for p in PROMPTS]
+        (work / "ids.json").write_text(json.dumps(ids))
+
+        ours = R1VModel.from_checkpoint(open_checkpoint(awq))
+        with torch.no_grad():
+            mine = [ours(torch.tensor([i]))[0].numpy() for i in ids]
+
+        proc = subprocess.run(
+            [args.python, "-c", CHILD, str(work / "view"), str(work / "ids.json"), str(work / "theirs.npz")],
+            capture_output=True,
+            text=True,
+            env={"GPTQMODEL_CPU_WORKERS": "2", "PATH": "/usr/bin:/bin", "HOME": str(work)},
+        )
+        if proc.returncode != 0:
+            sys.exit(f"transformers + gptqmodel failed:\n{proc.stderr[-3000:]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        theirs_npz = np.load(work / "theirs.npz")
+        theirs = [theirs_npz[f"arr_{k}"] for k in range(len(ids))]
+
+    a, b = np.concatenate(mine), np.concatenate(theirs)
+    result = {
+        "awq": str(args.awq or "tiny replica (quantized here)"),
+        "quantization_config": qc,
+        "their_awq_modules": info["awq_modules"],
+        "positions": int(a.shape[0]),
+        "max_abs_logit": float(np.abs(a).max()),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "mean_abs_diff": float(np.abs(a - b).mean()),
+        "top1_agree_pct": 100 * float((a.argmax(-1) == b.argmax(-1)).mean()),
+    }
+    print(json.dumps(result, indent=2))
+    print(
+        f"transformers+gptqmodel ({', '.join(info['awq_modules'])}) vs r1v-quant loader: "
+        f"max |dlogit| {result['max_abs_diff']:.4f} (max |logit| {result['max_abs_logit']:.2f}), "
+        f"top-1 agreement {result['top1_agree_pct']:.1f}% over {result['positions']} positions"
+    )
+
+
+if __name__ == "__main__":
+    main()
