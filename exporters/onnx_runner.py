@@ -69,8 +69,8 @@ class OnnxVisionEncoder:
         self.model_path = path if path.suffix == ".onnx" else self.dir / MODEL_NAME
         if not self.model_path.is_file():
             raise R1VError(f"{self.model_path}: no exported ONNX model (run `r1v-quant onnx` first)")
-        self.export_report: dict[str, Any] = _read_json(self.dir / REPORT_NAME)
-        self.preprocessing: dict[str, Any] = _read_json(self.dir / PREPROCESSING_NAME)
+        self.export_report: dict[str, Any] = read_json(self.dir / REPORT_NAME)
+        self.preprocessing: dict[str, Any] = read_json(self.dir / PREPROCESSING_NAME)
 
         available = ort.get_available_providers()
         self.provider_requested = provider
@@ -163,7 +163,7 @@ class OnnxVisionEncoder:
         }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from r1v_quant.atomic import atomic_file
 from r1v_quant.errors import CheckpointError, R1VError
+from r1v_quant.hub import snapshot_blobs
 from r1v_quant.spec import LLM_PREFIX, VIT_PREFIX, ModelSpec, load_spec
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,11 +77,20 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 def _inside(root: Path, rel: str) -> Path:
-    """Resolve a shard name from an index, refusing anything that escapes the model directory."""
-    p = (root / rel).resolve()
-    if os.path.isabs(rel) or root.resolve() not in p.parents:
+    """Check a shard name from an index, refusing anything that escapes the model directory.
+
+    Refused: absolute names, names climbing out with `..`, and files whose symlinks lead outside. The one
+    exception is the Hugging Face cache, where every file of a snapshot links into its repo's blob store
+    (`models--org--name/snapshots/<sha>/x -> ../../blobs/<hash>`).
+    """
+    if not isinstance(rel, str):
+        raise CheckpointError(f"index names a shard that is not a file name: {rel!r}")
+    target = (root / rel).resolve()
+    allowed = [root.resolve(), snapshot_blobs(root)]
+    climbs = os.path.normpath(rel).split(os.sep)[0] == ".."
+    if os.path.isabs(rel) or climbs or not any(a is not None and a in target.parents for a in allowed):
         raise CheckpointError(f"index names a shard outside the model directory: {rel!r} (refused)")
-    return p
+    return root / rel
 
 
 class Checkpoint:

@@ -96,6 +96,7 @@ class LlamaCppRuntime:
         self._ctx: Any = None
         self._vision: Any = None
         self._mmproj = Path(mmproj) if mmproj else None
+        self._vision_gpu = n_gpu_layers > 0  # the vision tower goes where the language model goes
         self._keys: list[Any] = []  # what each KV-cache position holds (token id or image-row digest)
         self.vision_seconds = 0.0
         try:
@@ -160,8 +161,10 @@ class LlamaCppRuntime:
                 raise R1VError("this model was loaded without an mmproj GGUF: images need --mmproj")
             from r1v_quant.exporters.mtmd_runtime import MtmdVision
 
-            self._vision = MtmdVision(self._mmproj, text_model=self.path, n_threads=self.n_threads)
-            self._tiling = _mmproj_tiling(self._mmproj)
+            self._vision = MtmdVision(
+                self._mmproj, text_model=self.path, n_threads=self.n_threads, use_gpu=self._vision_gpu
+            )
+            self._tiling = mmproj_tiling(self._mmproj)
         return self._vision
 
     @property
@@ -366,8 +369,10 @@ class LlamaCppRuntime:
         top_p: float = 1.0,
         seed: int = 0,
         on_token: Callable[[int], Any] | None = None,
+        ignore_stop: bool = False,
     ) -> RuntimeResult:
-        """Sample up to `max_new_tokens` after `ids`; greedy at temperature 0. Stops at the stop ids."""
+        """Sample up to `max_new_tokens` after `ids`; greedy at temperature 0. Stops at the stop ids unless
+        `ignore_stop` (benchmarks that need exactly `max_new_tokens`)."""
         keys = self._keys_for(ids, image_embeds)
         if not ids:
             raise R1VError("empty prompt")
@@ -386,7 +391,7 @@ class LlamaCppRuntime:
         result = RuntimeResult()
         for _ in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_p, rng)  # type: ignore[arg-type]
-            if nxt in self.stop_ids:
+            if nxt in self.stop_ids and not ignore_stop:
                 result.stopped = True  # the stop token itself never enters the cache
                 break
             result.tokens.append(nxt)
@@ -423,7 +428,7 @@ def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random
     return int(rng.choice(len(p), p=p))
 
 
-def _mmproj_tiling(path: Path) -> dict[str, Any]:
+def mmproj_tiling(path: Path) -> dict[str, Any]:
     """InternVL tiling settings from an mmproj (r1v_quant.* keys; R1V's values when another tool wrote it)."""
     import gguf
 
