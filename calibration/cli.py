@@ -7,13 +7,15 @@ from pathlib import Path
 
 import click
 
+from r1v_quant.hub import model_argument
+
 
 def _size(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.1f} MB"
 
 
 @click.command("calibrate")
-@click.argument("model", type=click.Path(path_type=Path))
+@model_argument()
 @click.option(
     "--set",
     "set_spec",

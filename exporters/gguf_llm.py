@@ -10,13 +10,22 @@ Two paths:
 * K-quants and IQ4 go through llama.cpp's quantizer (`quantize.llama_quantize`) from a 16-bit GGUF written
   first to a temporary file, so the per-tensor type mix is exactly llama.cpp's.
 
+With calibration statistics (`calib`) the importance matrix goes to that quantizer (Q4_0 then takes the
+second path too) and to an imatrix file; `activation_aware` folds scales into each tensor as it is read
+(gguf_aware.py). `split_max_size` writes llama.cpp-style shards. Everything is staged in a hidden folder
+next to the output and renamed into place when complete.
+
 Peak memory is about one tensor: all tensor infos are declared from the checkpoint header, then each tensor
 is read from its memory-mapped shard, converted in row blocks and appended to the file.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import math
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,15 +34,26 @@ from typing import Any
 
 import numpy as np
 
-from r1v_quant.atomic import atomic_file
 from r1v_quant.checkpoint import Checkpoint, open_checkpoint
 from r1v_quant.errors import R1VError
+from r1v_quant.hub import model_name
 from r1v_quant.spec import LLM_PREFIX, ModelSpec, read_config
 
+from .gguf_aware import (
+    AWARE_KEY,
+    CALIB_KEY,
+    MODALITY_MODES,
+    AwareOptions,
+    FoldedCheckpoint,
+    load_calibration,
+    plan_aware,
+)
 from .gguf_common import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
 from .gguf_common import import_gguf, llama_log, quantize_rows
+from .gguf_imatrix import write_imatrix_gguf
 from .gguf_vocab import add_vocab, load_vocab
 from .quantize import (
+    IMATRIX_PURE_TYPES,
     LLAMA_TYPES,
     PYTHON_TYPES,
     import_llama_cpp,
@@ -173,9 +193,21 @@ def add_rope_scaling(writer: Any, llm_config: dict[str, Any]) -> None:
 
 
 def write_llm_gguf(
-    ckpt: Checkpoint, path: Path, gguf_type: str, *, name: str | None = None, progress: bool = False
-) -> int:
-    """Write the LLM of `ckpt` as a GGUF of a Python-packable type at `path` (not atomic); tensor count."""
+    ckpt: Checkpoint,
+    path: Path,
+    gguf_type: str,
+    *,
+    name: str | None = None,
+    progress: bool = False,
+    split_max_size: int = 0,
+    meta: dict[str, str | int | bool] | None = None,
+) -> tuple[int, list[Path]]:
+    """Write the LLM of `ckpt` as a GGUF of a Python-packable type at `path` (not atomic).
+
+    `split_max_size` > 0 splits the tensor data into shards of at most that many bytes (llama.cpp's
+    `<stem>-00001-of-0000N.gguf` names, metadata in the first); `meta`: extra string/int/bool keys.
+    Returns the tensor count and the files written.
+    """
     gguf = import_gguf()
     from tqdm import tqdm
 
@@ -188,7 +220,11 @@ def write_llm_gguf(
         eos_fallback=_first_id(spec.llm.eos_token_id),
     )
     plan = plan_tensors(ckpt, gguf_type)
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    # only split what needs it (the writer warns about a split request it cannot honour)
+    split = split_max_size if 0 < split_max_size < sum(t.nbytes for t in plan) else 0
+    writer = gguf.GGUFWriter(
+        path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2], split_max_size=split
+    )
     try:
         add_hparams(writer, spec, name or ckpt.path.name, gguf.LlamaFileType[PYTHON_TYPES[gguf_type][1]])
         add_rope_scaling(writer, read_config(ckpt.path).get("llm_config") or {})
@@ -196,9 +232,11 @@ def write_llm_gguf(
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(writer, vocab)
         writer.add_string(FLAVOR_KEY, spec.flavor)  # which chat template family; llama.cpp ignores it
+        add_meta(writer, meta or {})
         for t in plan:
             # The logical shape with raw_dtype: the writer stores it (reversed) and trusts our byte count.
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        files = writer.format_shard_names(Path(path))
         writer.write_header_to_file(path=Path(path))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -206,7 +244,54 @@ def write_llm_gguf(
             writer.write_tensor_data(_convert(ckpt, t))
     finally:
         writer.close()
-    return len(plan)
+    return len(plan), files
+
+
+def add_meta(writer: Any, meta: dict[str, str | int | bool]) -> None:
+    for key, value in meta.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_string(key, str(value))
+
+
+def split_gguf(src: Path, dst: Path, max_size: int) -> list[Path]:
+    """Copy the GGUF `src` into shards `<dst stem>-0000i-of-0000N.gguf` of at most `max_size` tensor bytes.
+
+    Metadata and tensor bytes are copied unchanged (one memory-mapped tensor at a time); this is how
+    K-quant outputs are split, since llama.cpp's quantizer can only keep the input's own split.
+    """
+    gguf = import_gguf()
+    r = gguf.GGUFReader(src)
+    vt = gguf.GGUFValueType
+    arch = r.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    total = sum(int(t.n_bytes) for t in r.tensors)
+    writer = gguf.GGUFWriter(path=None, arch=arch, split_max_size=max_size if max_size < total else 0)
+    try:
+        for key, field in r.fields.items():
+            if key.startswith(("GGUF.", "split.")) or key == gguf.Keys.General.ARCHITECTURE:
+                continue  # the writer adds these itself
+            if key == gguf.Keys.General.ALIGNMENT:
+                writer.data_alignment = int(field.contents())
+            main = vt(field.types[0])
+            sub = vt(field.types[-1]) if main == vt.ARRAY else None
+            writer.add_key_value(key, field.contents(), main, sub_type=sub)
+        for t in r.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape))  # the reader gives ggml's ne order
+            writer.add_tensor_info(
+                t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type
+            )
+        files = writer.format_shard_names(dst)
+        writer.write_header_to_file(path=dst)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in r.tensors:
+            writer.write_tensor_data(t.data)
+    finally:
+        writer.close()
+    return files
 
 
 def _first_id(value: int | list[int] | None) -> int | None:
@@ -232,42 +317,182 @@ def export_llm_gguf(
     tmp_dir: Path | str | None = None,
     nthread: int = 0,
     flavor: str | None = None,
+    calib: Path | str | None = None,
+    activation_aware: bool = False,
+    modality_weights: str = "auto",
+    split_max_size: int = 0,
 ) -> dict[str, Any]:
     """Export the language model of the checkpoint at `model_dir` to the GGUF file `out_path`.
 
     `gguf_type`: one of quantize.GGUF_TYPES. K-quants first write a 16-bit GGUF under `tmp_dir`
     (default: next to `out_path`; it needs the 16-bit model's size in free space) and delete it afterwards.
-    The output appears under its final name only when complete. `flavor` overrides the detected release
-    (it picks the pre-tokenizer name). Returns a report: type, path, bytes, tensors, seconds.
+    `calib`: a `calibrate` output directory; its per-column mean x² becomes llama.cpp's importance matrix
+    (used by the K-quants, IQ4 and Q4_0, and written next to the output as `<stem>.imatrix.gguf`).
+    `activation_aware` also folds per-channel scales into the weights first (gguf_aware.py).
+    `split_max_size` > 0: shards of at most that many tensor bytes (`<stem>-00001-of-0000N.gguf`).
+    Outputs appear under their final names only when complete. `flavor` overrides the detected release
+    (it picks the pre-tokenizer name). Returns a report: type, path, files, bytes, tensors, seconds.
     """
     t0 = time.perf_counter()
     gguf_type = normalize_type(gguf_type)
     out_path = Path(out_path)
-    if out_path.exists():
-        raise R1VError(f"{out_path}: already exists (choose another --out or remove it)")
+    if activation_aware and calib is None:
+        raise R1VError("--activation-aware needs --calib DIR (statistics from `r1v-quant calibrate`)")
+    if modality_weights not in MODALITY_MODES:
+        raise R1VError(
+            f"unknown --modality-weights {modality_weights!r}: expected {', '.join(MODALITY_MODES)}"
+        )
+    if split_max_size < 0:
+        raise R1VError("--split-max-size must be positive")
+    imatrix_path = imatrix_output_path(out_path) if calib is not None else None
+    for p in existing_outputs(out_path, imatrix_path):
+        raise R1VError(f"{p}: already exists (choose another --out or remove it)")
     import_gguf()
-    if gguf_type in LLAMA_TYPES:
+    uses_imatrix = calib is not None and (gguf_type in LLAMA_TYPES or gguf_type in IMATRIX_PURE_TYPES)
+    if gguf_type in LLAMA_TYPES or calib is not None:
         import_llama_cpp()  # fail before the long 16-bit write, not after it
     ckpt = open_checkpoint(model_dir, flavor=flavor)
     if ckpt.spec.is_quantized:
         raise R1VError(f"{model_dir}: quantized checkpoint; GGUF export needs the 16-bit original")
-    # Read the tokenizer before writing anything: a missing file should cost nothing.
+    # Read the tokenizer and the statistics before writing anything: a missing file should cost nothing.
     load_vocab(ckpt.path, flavor=ckpt.spec.flavor, vocab_size=ckpt.spec.llm.vocab_size)
-    name = ckpt.path.name
+    stats = load_calibration(calib, ckpt.spec) if calib is not None else None
+    name = model_name(ckpt.path)  # the repo name for a Hub snapshot, not its commit hash
     report: dict[str, Any] = {"type": gguf_type, "path": str(out_path)}
-    if gguf_type in PYTHON_TYPES:
-        with atomic_file(out_path) as tmp:
-            n = write_llm_gguf(ckpt, tmp, gguf_type, name=name, progress=progress)
-            set_default_mode(tmp)
-    else:
-        src_type = _intermediate_type(ckpt)
-        scratch = Path(tmp_dir) if tmp_dir is not None else out_path.parent
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".r1v-gguf-", dir=scratch) as td:
-            src = Path(td) / f"{name}-{src_type}.gguf"
-            n = write_llm_gguf(ckpt, src, src_type, name=name, progress=progress)
-            with llama_log(progress):
-                llama_quantize(src, out_path, gguf_type, nthread=nthread)
-        report["intermediate"] = src_type
-    report.update(bytes=out_path.stat().st_size, tensors=n, seconds=round(time.perf_counter() - t0, 2))
+    source: Any = ckpt
+    meta: dict[str, str | int | bool] = {}
+    aware = None
+    if stats is not None:
+        opts = AwareOptions(fold=activation_aware, modality_weights=modality_weights, nthread=nthread)
+        n_layers = ckpt.spec.llm.num_layers
+        aware = plan_aware(
+            ckpt,
+            stats,
+            gguf_type,
+            opts,
+            tensor_name=lambda n: gguf_tensor_name(n, n_layers),
+            progress=progress,
+        )
+        if activation_aware:
+            source = FoldedCheckpoint(ckpt, aware)
+        meta = {AWARE_KEY: activation_aware, CALIB_KEY: stats.set_hash}
+        if uses_imatrix:  # the keys llama-quantize writes when it is given an imatrix
+            meta.update(
+                {
+                    "quantize.imatrix.dataset": aware.imatrix.dataset,
+                    "quantize.imatrix.entries_count": len(aware.imatrix.sums),
+                    "quantize.imatrix.chunks_count": aware.imatrix.chunk_count,
+                }
+            )
+        report["calibration_set_hash"] = stats.set_hash  # the model card lists it
+        report["aware"] = aware.report
+    python_path = gguf_type in PYTHON_TYPES and not uses_imatrix
+    src_type = gguf_type if python_path else _intermediate_type(ckpt)
+    check_free_space(ckpt, out_path.parent, tmp_dir, gguf_type, src_type, python_path, split_max_size)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.partial-", dir=out_path.parent) as work:
+            staged = Path(work) / out_path.name
+            if python_path:
+                n, files = write_llm_gguf(
+                    source, staged, gguf_type, name=name, progress=progress, split_max_size=split_max_size,
+                    meta=meta,
+                )  # fmt: skip
+            else:
+                scratch = Path(tmp_dir) if tmp_dir is not None else Path(work)
+                scratch.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix=".r1v-gguf-", dir=scratch) as td:
+                    src = Path(td) / f"{name}-{src_type}.gguf"
+                    n, _ = write_llm_gguf(source, src, src_type, name=name, progress=progress, meta=meta)
+                    single = Path(work) / f".single-{out_path.name}"
+                    with llama_log(progress):
+                        llama_quantize(
+                            src,
+                            single,
+                            gguf_type,
+                            nthread=nthread,
+                            imatrix=aware.imatrix.means() if uses_imatrix and aware is not None else None,
+                        )
+                if split_max_size:
+                    files = split_gguf(single, staged, split_max_size)
+                    single.unlink()
+                else:
+                    single.rename(staged)
+                    files = [staged]
+                report["intermediate"] = src_type
+            staged_imatrix = None
+            if aware is not None and imatrix_path is not None:
+                staged_imatrix = write_imatrix_gguf(aware.imatrix, Path(work) / imatrix_path.name)
+            finals = publish([*files, *([staged_imatrix] if staged_imatrix else [])], out_path.parent)
+    except OSError as e:
+        raise disk_error(e, out_path.parent) from None
+    shards = finals[: len(files)]
+    report.update(
+        path=str(shards[0]),
+        files=[str(p) for p in shards],
+        bytes=sum(p.stat().st_size for p in shards),
+        tensors=n,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    if calib is not None:
+        report["imatrix"] = {"path": str(imatrix_path), "used_by_quantizer": uses_imatrix}
     return report
+
+
+def imatrix_output_path(out_path: Path) -> Path:
+    return out_path.with_name(f"{out_path.stem}.imatrix.gguf")
+
+
+def existing_outputs(out_path: Path, *others: Path | None) -> list[Path]:
+    """The output file, shards of it, or the other outputs named, already present."""
+    shards = sorted(out_path.parent.glob(f"{glob.escape(out_path.stem)}-*-of-*.gguf"))
+    return [p for p in [out_path, *shards, *others] if p is not None and p.exists()]
+
+
+def publish(staged: list[Path], out_dir: Path) -> list[Path]:
+    """Rename finished files into `out_dir`; the first shard (what users open) comes last."""
+    finals = [out_dir / p.name for p in staged]
+    for p in staged:
+        set_default_mode(p)
+    for p, f in reversed(list(zip(staged, finals, strict=True))):
+        os.replace(p, f)
+    return finals
+
+
+def disk_error(e: OSError, where: Path) -> R1VError:
+    if e.errno == errno.ENOSPC:
+        return R1VError(f"{where}: no space left on device (nothing was written under the final name)")
+    return R1VError(f"{where}: {e.strerror or e}")
+
+
+def check_free_space(
+    ckpt: Checkpoint,
+    out_dir: Path,
+    tmp_dir: Path | str | None,
+    gguf_type: str,
+    src_type: str,
+    python_path: bool,
+    split_max_size: int,
+) -> None:
+    """Refuse up front when the output (and for K-quants the 16-bit intermediate) cannot fit."""
+    from r1v_quant.formats import GGML_BITS
+
+    from .gguf_aware import PROXY_TYPES
+
+    base = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
+    src_bytes = sum(t.nbytes for t in plan_tensors(ckpt, src_type if src_type in PYTHON_TYPES else "F16"))
+    if python_path:
+        needs = {base: src_bytes}
+    else:
+        bits = GGML_BITS.get(PROXY_TYPES.get(gguf_type, ("Q4_K", 0))[0], 4.5)
+        out_bytes = int(src_bytes * bits / 16) * (2 if split_max_size else 1)  # split: a copy of the file
+        scratch = Path(tmp_dir) if tmp_dir is not None else base
+        scratch = scratch if scratch.exists() else next(p for p in scratch.parents if p.exists())
+        needs = {base: out_bytes}
+        needs[scratch] = needs.get(scratch, 0) + src_bytes
+    for where, need in needs.items():
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise R1VError(
+                f"{where}: not enough free space ({free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB needed)"
+            )

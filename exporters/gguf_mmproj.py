@@ -41,6 +41,7 @@ import torch
 from r1v_quant.atomic import atomic_file
 from r1v_quant.checkpoint import open_checkpoint
 from r1v_quant.errors import R1VError
+from r1v_quant.hub import model_name
 from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from r1v_quant.spec import VIT_PREFIX, ModelSpec
 
@@ -298,7 +299,7 @@ def export_mmproj_gguf(
     fix, probe = resolve_position_fix(position_fix)
     with atomic_file(out_path) as tmp:
         write_mmproj(
-            tmp, spec, ckpt.get, plan, mmproj_type=mmproj_type, position_fix=fix, name=ckpt.path.name
+            tmp, spec, ckpt.get, plan, mmproj_type=mmproj_type, position_fix=fix, name=model_name(ckpt.path)
         )
         _default_mode(tmp)
     report: dict[str, Any] = {

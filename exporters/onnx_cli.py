@@ -7,11 +7,14 @@ from pathlib import Path
 
 import click
 
+from r1v_quant.hub import model_argument
+from r1v_quant.model_card import onnx_card, write_card
+
 from .onnx_vision import DTYPES, MAX_OPSET, MIN_OPSET, export_onnx
 
 
 @click.command("onnx")
-@click.argument("model", type=click.Path(path_type=Path))
+@model_argument()
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option(
@@ -37,6 +40,7 @@ def onnx_command(
     report = export_onnx(
         model, out_dir, dtype=dtype, int8=int8, opset=opset, verify=not no_verify, flavor=flavor
     )
+    write_card(out_dir, onnx_card(report, model, out_dir))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from r1v_quant.atomic import atomic_file
 from r1v_quant.errors import R1VError
@@ -41,6 +44,10 @@ LLAMA_TYPES: dict[str, str] = {
 
 
 GGUF_TYPES: tuple[str, ...] = (*PYTHON_TYPES, *LLAMA_TYPES)
+FULL_DISK_BYTES = 64 * 1024**2  # less free space than this after a failed quantization: the disk filled up
+# Python-packed types whose llama.cpp quantizer uses an importance matrix (Q8_0 ignores one): with an
+# imatrix they go through libllama with `pure` (every 2-D weight in the one type, like our Python packing).
+IMATRIX_PURE_TYPES: dict[str, str] = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
 def normalize_type(gguf_type: str) -> str:
@@ -65,14 +72,41 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def llama_quantize(src: Path | str, dst: Path | str, gguf_type: str, *, nthread: int = 0) -> None:
+def imatrix_array(lc: Any, imatrix: dict[str, np.ndarray]) -> tuple[Any, list[Any]]:
+    """`llama_model_imatrix_data[]` ending in a null name, plus the objects that must outlive the call."""
+    keep: list[Any] = []
+    arr = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for i, name in enumerate(sorted(imatrix)):
+        values = np.ascontiguousarray(imatrix[name], np.float32)
+        if values.ndim != 1 or not np.isfinite(values).all():
+            raise R1VError(f"importance matrix for {name}: expected finite values, one per input column")
+        key = name.encode()
+        keep += [values, key]
+        arr[i].name = key
+        arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = values.size
+    arr[len(imatrix)].name = None  # terminator
+    return arr, keep
+
+
+def llama_quantize(
+    src: Path | str,
+    dst: Path | str,
+    gguf_type: str,
+    *,
+    nthread: int = 0,
+    imatrix: dict[str, np.ndarray] | None = None,
+) -> None:
     """Quantize the 16/32-bit GGUF `src` to `gguf_type` (a key of LLAMA_TYPES) at `dst`, atomically.
 
-    `nthread` <= 0 uses every core. The output is written under a temporary name next to `dst` and renamed
-    only when libllama reports success, so `dst` never holds a half-written file.
+    `nthread` <= 0 uses every core. `imatrix`: per-column importance (mean x²) per GGUF weight name, handed
+    to libllama as `llama_model_quantize_params.imatrix`; with one, IMATRIX_PURE_TYPES are accepted too.
+    The output is written under a temporary name next to `dst` and renamed only when libllama reports
+    success, so `dst` never holds a half-written file.
     """
     name = gguf_type.upper()
-    if name not in LLAMA_TYPES:
+    pure = imatrix is not None and name in IMATRIX_PURE_TYPES
+    if name not in LLAMA_TYPES and not pure:
         raise R1VError(
             f"llama.cpp quantization type {gguf_type!r} is not supported: {', '.join(LLAMA_TYPES)}"
         )
@@ -81,13 +115,25 @@ def llama_quantize(src: Path | str, dst: Path | str, gguf_type: str, *, nthread:
         raise R1VError(f"{src}: no such GGUF file")
     lc = import_llama_cpp()
     params = lc.llama_model_quantize_default_params()
-    params.ftype = getattr(lc, LLAMA_TYPES[name])
+    params.ftype = getattr(lc, IMATRIX_PURE_TYPES[name] if pure else LLAMA_TYPES[name])
     params.nthread = nthread if nthread > 0 else (os.cpu_count() or 1)
+    params.pure = pure
+    keep: list[Any] = []
+    if imatrix is not None:
+        arr, keep = imatrix_array(lc, imatrix)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
+        keep.append(arr)
     with atomic_file(dst) as tmp:
         rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 and shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES:
+            # libllama reports a failed write only as "failed"; a full disk is the common reason
+            raise R1VError(
+                f"{dst.parent}: no space left on device (nothing was written under the final name)"
+            )
         if rc != 0:
             # libllama logs the reason to stderr; the return code alone says only "failed".
             raise R1VError(
                 f"llama.cpp failed to quantize {src.name} to {name} (code {rc}; see its log above)"
             )
         set_default_mode(tmp)
+    del keep  # the arrays libllama read from had to stay alive until here

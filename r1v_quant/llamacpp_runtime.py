@@ -175,12 +175,13 @@ class LlamaCppRuntime:
         if self._vision is not None:
             self._vision.close()
             self._vision = None
-        if self._ctx is not None:
-            self.lc.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            self.lc.llama_model_free(self._model)
-            self._model = None
+        with self._log(self.verbose):  # llama_free logs its buffer sizes
+            if self._ctx is not None:
+                self.lc.llama_free(self._ctx)
+                self._ctx = None
+            if self._model is not None:
+                self.lc.llama_model_free(self._model)
+                self._model = None
 
     def __enter__(self) -> LlamaCppRuntime:
         return self
