@@ -7,11 +7,13 @@ Seeds differ from the ones the tiny replica trains on and from the default calib
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import expand_image_placeholders, preprocess_image
 from r1v_quant.prompts import build_prompt
 from r1v_quant.spec import ModelSpec
@@ -27,6 +29,7 @@ class Window:
     input_ids: torch.Tensor  # (n,)
     pixel_values: torch.Tensor | None
     score: torch.Tensor  # (n,) bool: positions whose *next* token is an answer token
+    images: list[Any] = field(default_factory=list)  # source PIL images (llama.cpp tiles them itself)
 
 
 def heldout_windows(
@@ -36,7 +39,12 @@ def heldout_windows(
     out: list[Window] = []
 
     def window(
-        kind: str, question: str, response: str, pixels: torch.Tensor | None, tiles: list[int]
+        kind: str,
+        question: str,
+        response: str,
+        pixels: torch.Tensor | None,
+        tiles: list[int],
+        images: list[Any] | None = None,
     ) -> Window:
         prompt = build_prompt(spec.flavor, [{"role": "user", "content": question}])
         prompt = expand_image_placeholders(prompt, tiles, spec.num_image_token)
@@ -44,20 +52,25 @@ def heldout_windows(
         ids = torch.tensor(p_ids + r_ids)
         score = torch.zeros(len(ids), dtype=torch.bool)
         score[len(p_ids) - 1 : len(ids) - 1] = True  # logits at i predict token i+1
-        return Window(kind, ids, pixels, score)
+        return Window(kind, ids, pixels, score, list(images or []))
 
     for p in text_problems(n_text, seed):
         out.append(window("text", p.question, p.response(), None, []))
     for p in image_problems(n_image, seed + 1):
+        picture = render_shape(p.color, p.shape)
         pre = preprocess_image(
-            render_shape(p.color, p.shape),
+            picture,
             image_size=spec.force_image_size,
             min_num=spec.min_dynamic_patch,
             max_num=spec.max_dynamic_patch,
             use_thumbnail=spec.use_thumbnail,
             dynamic=spec.dynamic_image_size,
         )
-        out.append(window("image", f"<image>\n{p.question}", p.response(), pre.pixel_values, [pre.num_tiles]))
+        out.append(
+            window(
+                "image", f"<image>\n{p.question}", p.response(), pre.pixel_values, [pre.num_tiles], [picture]
+            )
+        )
     return out
 
 
@@ -69,3 +82,32 @@ def window_logits(model, windows: list[Window]) -> list[torch.Tensor]:
 
 def window_targets(windows: list[Window]) -> list[torch.Tensor]:
     return [w.input_ids[1:][w.score[:-1]] for w in windows]
+
+
+def text_windows(
+    ids: list[int], ctx: int, stride: int | None = None, *, bos: int | None = None, max_windows: int = 0
+) -> list[Window]:
+    """llama-perplexity windows over a tokenized text: `ctx` tokens each, starting every `stride` tokens
+    (default `ctx`: disjoint chunks), the first token replaced by `bos` when the model has one; the last
+    min(stride, ctx/2 - 1) tokens of each window are scored (with stride = ctx exactly llama-perplexity's
+    second half, and with a smaller stride every token is scored once, after at least ctx/2 tokens).
+    """
+    if ctx < 8:
+        raise R1VError(f"--ctx must be at least 8 (got {ctx})")
+    stride = ctx if stride is None else stride
+    if stride < 1:
+        raise R1VError(f"--stride must be at least 1 (got {stride})")
+    if len(ids) < ctx:
+        raise R1VError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
+    n_scored = min(stride, ctx // 2 - 1)
+    out: list[Window] = []
+    for start in range(0, len(ids) - ctx + 1, stride):
+        chunk = torch.tensor(ids[start : start + ctx])
+        if bos is not None:
+            chunk[0] = bos
+        score = torch.zeros(ctx, dtype=torch.bool)
+        score[ctx - 1 - n_scored : ctx - 1] = True
+        out.append(Window("text", chunk, None, score))
+        if max_windows and len(out) >= max_windows:
+            break
+    return out

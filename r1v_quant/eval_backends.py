@@ -1,0 +1,333 @@
+"""The models `eval` and `check` compare, behind one small interface, and the same-architecture check.
+
+An artifact is a checkpoint folder (16-bit or AWQ: the torch reference forward, AWQ dequantized by
+r1v-quant's loader) or a GGUF (a `.gguf` file, with a sibling `mmproj*.gguf` picked up when there is one,
+or a folder holding one language-model GGUF and at most one mmproj: llama.cpp through
+`r1v_quant.llamacpp_runtime`). Both backends score the same token ids (the reference's tokenization, checked
+equal) and generate from each artifact's own template and stop tokens.
+
+Only one model is open at a time: callers open, use and close each backend in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from r1v_quant.errors import R1VError
+from r1v_quant.evalset import Window
+from r1v_quant.preprocess import ImageSource
+from r1v_quant.prompts import DS_ASSISTANT, DS_BOS, DS_USER, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
+
+# Tokenizer probe: ordinary text in several scripts, numbers, whitespace runs and every special token the
+# templates and the image placeholder use. Two tokenizers that agree on all of these are treated as equal.
+PROBE_TEXTS = (
+    "Hello world, the answer is 42.",
+    "What is 37 * 45? 37 * 45 = 1665, so \\boxed{1665}.",
+    "  leading spaces,\ttabs\t\tand\n\n\nnewlines   \n  ",
+    "I'll check: it's 5, they're equal, WE'VE done it.",
+    "图中显示了一个三角形，求它的面积。",
+    "3.14159 -17 +42 100% 1,234,567 2025-07-15",
+    "Emoji 🙂🚀 and symbols ∑ ∫ √ π ≤ ≥ → °C",
+    f"{IMG_START}{IMG_CONTEXT * 3}{IMG_END}\nWhat shape is in the image?",
+    f"{DS_BOS}{DS_USER}\nWhat is 6*7?{DS_ASSISTANT}<think>\nok</think>\n\n42",
+    f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n<think>\n",
+)
+
+
+@dataclass
+class Artifact:
+    """What is known about a model before loading its weights."""
+
+    name: str
+    path: Path
+    backend: str  # "torch" | "llama.cpp"
+    size_bytes: int
+    flavor: str
+    vocab: int
+    hidden: int
+    layers: int
+    quant: str  # "bfloat16", "AWQ int4 g128", "Q4_K_M", ...
+    gguf: Path | None = None
+    mmproj: Path | None = None
+    gguf_tokens: list[str] | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "artifact": self.name,
+            "path": str(self.path),
+            "backend": self.backend,
+            "quant": self.quant,
+            "size_bytes": self.size_bytes,
+            "flavor": self.flavor,
+            "mmproj": str(self.mmproj) if self.mmproj else None,
+        }
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int
+    stopped: bool  # False: the max-tokens budget cut the answer off
+
+
+class Backend(Protocol):
+    artifact: Artifact
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def logprobs(self, window: Window) -> torch.Tensor: ...
+
+    def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation: ...
+
+    def close(self) -> None: ...
+
+
+# -- finding artifacts -------------------------------------------------------------------------------------
+
+
+def resolve_artifact(path: Path | str, name: str | None = None) -> Artifact:
+    """Classify `path` and read its dimensions from config.json or the GGUF header (no weights loaded)."""
+    path = Path(path)
+    if not path.exists():
+        raise R1VError(f"{path}: no such model (a checkpoint folder, a .gguf file or a folder with one)")
+    if path.is_dir() and (path / "config.json").is_file():
+        return _checkpoint_artifact(path, name)
+    if path.suffix == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
+        return _gguf_artifact(path, name)
+    raise R1VError(f"{path}: neither a checkpoint folder (config.json) nor a GGUF")
+
+
+def resolve_reference(path: Path | str, name: str | None = None) -> Artifact:
+    """The reference: a checkpoint folder (its tokenizer and preprocessing define the scored windows)."""
+    art = resolve_artifact(path, name)
+    if art.backend != "torch":
+        raise R1VError(f"{path}: the reference must be a checkpoint folder (16-bit or AWQ), not a GGUF")
+    return art
+
+
+def _checkpoint_artifact(path: Path, name: str | None) -> Artifact:
+    from r1v_quant.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    spec = ckpt.spec
+    q = spec.quantization
+    quant = f"AWQ int{q.get('bits', 4)} g{q.get('group_size', 128)}" if q else spec.torch_dtype
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return Artifact(
+        name=name or path.resolve().name,
+        path=path,
+        backend="torch",
+        size_bytes=size,
+        flavor=spec.flavor,
+        vocab=spec.llm.vocab_size,
+        hidden=spec.llm.hidden_size,
+        layers=spec.llm.num_layers,
+        quant=quant,
+    )
+
+
+def _gguf_meta(path: Path) -> dict[str, Any]:
+    try:
+        import gguf
+    except ImportError as e:
+        raise R1VError(f"the gguf package is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise R1VError(f"{path}: not a readable GGUF file ({e})") from None
+
+    def val(key: str) -> Any:
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = val("general.architecture")
+    meta = {
+        "arch": arch,
+        "layers": val(f"{arch}.block_count"),
+        "hidden": val(f"{arch}.embedding_length"),
+        "tokens": val("tokenizer.ggml.tokens"),
+        "flavor": val("r1v_quant.flavor"),
+        "file_type": val("general.file_type"),
+    }
+    return meta
+
+
+def _sibling_mmproj(llm: Path) -> Path | None:
+    found = sorted(p for p in llm.parent.glob("*.gguf") if "mmproj" in p.name and p != llm)
+    if len(found) > 1:  # several: the one named after this model (mmproj-<name>-<TYPE>.gguf)
+        base = llm.stem.rsplit("-", 1)[0]
+        found = [p for p in found if base in p.name]
+    return found[0] if len(found) == 1 else None
+
+
+def _gguf_artifact(path: Path, name: str | None) -> Artifact:
+    from r1v_quant.llamacpp_runtime import find_gguf_pair
+
+    if path.is_file():
+        if "mmproj" in path.name:
+            raise R1VError(
+                f"{path}: an mmproj GGUF; pass the language-model GGUF (the mmproj is found next to it)"
+            )
+        llm, mmproj = path, _sibling_mmproj(path)
+    else:
+        llm, mmproj = find_gguf_pair(path)
+    meta = _gguf_meta(llm)
+    if meta["arch"] != "qwen2":
+        raise R1VError(f"{llm}: GGUF architecture {meta['arch']!r}, expected a qwen2 language model")
+    if not meta["flavor"]:
+        raise R1VError(f"{llm}: no r1v_quant.flavor key (not written by `r1v-quant gguf`)")
+    try:
+        import gguf
+
+        quant = gguf.LlamaFileType(int(meta["file_type"])).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        quant = "unknown"
+    size = llm.stat().st_size + (mmproj.stat().st_size if mmproj else 0)
+    return Artifact(
+        name=name or llm.stem,
+        path=path,
+        backend="llama.cpp",
+        size_bytes=size,
+        flavor=str(meta["flavor"]),
+        vocab=len(meta["tokens"] or []),
+        hidden=int(meta["hidden"]),
+        layers=int(meta["layers"]),
+        quant=quant,
+        gguf=llm,
+        mmproj=mmproj,
+        gguf_tokens=list(meta["tokens"] or []),
+    )
+
+
+# -- same architecture, same tokenizer --------------------------------------------------------------------
+
+
+def check_compatible(ref: Artifact, cand: Artifact, *, needs_images: bool) -> None:
+    """Refuse, with the reason, a candidate that is not the reference's architecture and tokenizer."""
+    for what, a, b in (
+        ("vocabulary size", ref.vocab, cand.vocab),
+        ("hidden size", ref.hidden, cand.hidden),
+        ("layer count", ref.layers, cand.layers),
+        ("flavour (chat template)", ref.flavor, cand.flavor),
+    ):
+        if a != b:
+            raise R1VError(f"{cand.path}: {what} {b} differs from the reference's {a}: not the same model")
+    if needs_images and cand.backend == "llama.cpp" and cand.mmproj is None:
+        raise R1VError(f"{cand.path}: no mmproj GGUF next to it; image windows and image items need one")
+    ref_tok = _tokenizer(ref)
+    if cand.backend == "torch":
+        compare_tokenizers(ref_tok.encode, _tokenizer(cand).encode, cand.path)
+    elif cand.gguf_tokens is not None:
+        want = [ref_tok.id_to_token(i) or f"[PAD{i}]" for i in range(ref.vocab)]
+        diff = [i for i, (a, b) in enumerate(zip(want, cand.gguf_tokens, strict=True)) if a != b]
+        if diff:
+            i = diff[0]
+            raise R1VError(
+                f"{cand.path}: tokenizer differs from the reference's ({len(diff)} token(s); id {i} is "
+                f"{cand.gguf_tokens[i]!r}, the reference has {want[i]!r})"
+            )
+
+
+def compare_tokenizers(ref_encode: Any, cand_encode: Any, where: Path | str) -> None:
+    """Both tokenizers must give the same ids for every probe text."""
+    for text in PROBE_TEXTS:
+        a, b = ref_encode(text), cand_encode(text)
+        if list(a) != list(b):
+            raise R1VError(
+                f"{where}: tokenizer differs from the reference's on {text[:40]!r}: {list(b)[:12]} vs "
+                f"{list(a)[:12]}"
+            )
+
+
+def _tokenizer(art: Artifact) -> Any:
+    from r1v_quant.tokenizer import R1VTokenizer
+
+    return R1VTokenizer.from_dir(art.path)
+
+
+# -- backends -------------------------------------------------------------------------------------------
+
+
+class TorchBackend:
+    """The torch reference forward on a 16-bit or AWQ checkpoint (CPU, float32)."""
+
+    def __init__(self, artifact: Artifact):
+        from r1v_quant.checkpoint import open_checkpoint
+        from r1v_quant.model import R1VModel
+        from r1v_quant.tokenizer import R1VTokenizer
+
+        self.artifact = artifact
+        ckpt = open_checkpoint(artifact.path)
+        self.spec = ckpt.spec
+        self.model = R1VModel.from_checkpoint(ckpt)
+        self.tok = R1VTokenizer.from_dir(artifact.path)
+        self.stop_ids = self.tok.stop_ids(self.spec.flavor)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    @torch.no_grad()
+    def logprobs(self, window: Window) -> torch.Tensor:
+        logits = self.model(window.input_ids[None], window.pixel_values)[0][window.score]
+        return torch.log_softmax(logits.float(), -1)
+
+    def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
+        from r1v_quant.model import build_inputs
+
+        ids, pixels, _ = build_inputs(self.artifact.path, self.spec, question, list(images))
+        res = self.model.generate(ids, pixels, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
+        return Generation(self.tok.decode(res.tokens), len(res.tokens), res.stopped)
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+class LlamaCppBackend:
+    """A GGUF (+ mmproj) in llama.cpp via r1v_quant.llamacpp_runtime; CPU unless n_gpu_layers."""
+
+    def __init__(
+        self, artifact: Artifact, *, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0
+    ):
+        from r1v_quant.llamacpp_runtime import LlamaCppRuntime
+
+        self.artifact = artifact
+        self.rt = LlamaCppRuntime(
+            artifact.gguf, artifact.mmproj, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.rt.tokenize(text)
+
+    def logprobs(self, window: Window) -> torch.Tensor:
+        embeds = None
+        if window.images:
+            embeds = np.concatenate([self.rt.image_embeds(im) for im in window.images])
+        logits = self.rt.logits(window.input_ids.tolist(), embeds)
+        return torch.log_softmax(torch.from_numpy(logits)[window.score], -1)
+
+    def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
+        ids, embeds = self.rt.prompt([{"role": "user", "content": question}], list(images), think=True)
+        res = self.rt.generate(ids, embeds, max_new_tokens=max_new_tokens)
+        return Generation(self.rt.detokenize(res.tokens), len(res.tokens), res.stopped)
+
+    def close(self) -> None:
+        self.rt.close()
+
+
+def open_backend(
+    artifact: Artifact, *, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0
+) -> Backend:
+    if artifact.backend == "torch":
+        return TorchBackend(artifact)
+    return LlamaCppBackend(artifact, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+
+
+def check_runtime_tokenizer(ref: Artifact, backend: Backend) -> None:
+    """After loading: the backend's own tokenizer (llama.cpp's reading of the GGUF) must match the ref's."""
+    compare_tokenizers(_tokenizer(ref).encode, backend.tokenize, backend.artifact.path)

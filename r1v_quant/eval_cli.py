@@ -1,0 +1,369 @@
+"""`r1v-quant eval ppl|bench` and `r1v-quant check`: quality measurements and the release gate.
+
+Exit codes: 0 all measured (and, for `bench`/`check`, every gate passed); 1 a gate failed; 2 a user mistake
+(bad path, incompatible candidate, bad benchmark rows without --skip-bad).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from r1v_quant.errors import R1VError
+
+
+def _models(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--cand",
+        "cands",
+        multiple=True,
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Candidate: checkpoint folder (16-bit / AWQ), .gguf file (sibling mmproj*.gguf used), or a "
+        "folder with one GGUF (+ mmproj). Repeatable.",
+    )(f)
+    f = click.option(
+        "--ref", "ref", required=True, type=click.Path(path_type=Path), help="Reference checkpoint folder."
+    )(f)
+    return f
+
+
+def _runtime(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--threads", type=int, default=None, help="llama.cpp threads (default: all cores).")(f)
+    f = click.option("--gpu-layers", type=int, default=0, show_default=True, help="llama.cpp layers on GPU.")(
+        f
+    )
+    return f
+
+
+def _windows(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option(
+            "--text",
+            "text_file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Plain-text file scored in --ctx windows (llama-perplexity style).",
+        ),
+        click.option("--ctx", type=int, default=2048, show_default=True, help="Window length for --text."),
+        click.option(
+            "--stride",
+            type=int,
+            default=None,
+            help="Window start spacing for --text (default --ctx; each window scores its last "
+            "min(stride, ctx/2-1) tokens).",
+        ),
+        click.option(
+            "--chunks",
+            type=int,
+            default=0,
+            show_default=True,
+            help="At most this many --text windows (0: all).",
+        ),
+        click.option(
+            "--n-text", type=int, default=16, show_default=True, help="heldout: text-answer windows."
+        ),
+        click.option(
+            "--n-image", type=int, default=16, show_default=True, help="heldout: image-answer windows."
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _bench_opts(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option(
+            "--limit",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Evaluate a seeded random subset of this many items (0: all).",
+        ),
+        click.option(
+            "--max-tokens",
+            type=int,
+            default=1024,
+            show_default=True,
+            help="Generation budget per answer; cut-off answers count as truncated (wrong).",
+        ),
+        click.option("--skip-bad", is_flag=True, help="Skip malformed rows (they are still reported)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Subset and bootstrap seed."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _resolve(ref: Path, cands: tuple[Path, ...], needs_images: bool) -> tuple[Any, list[Any]]:
+    from r1v_quant.eval_backends import check_compatible, resolve_artifact, resolve_reference
+
+    ref_art = resolve_reference(ref)
+    arts = [resolve_artifact(c) for c in cands]
+    seen: dict[str, int] = {ref_art.name: 1}
+    for a in arts:  # two artifacts with one name (two folders called "model"): number the later ones
+        seen[a.name] = seen.get(a.name, 0) + 1
+        if seen[a.name] > 1:
+            a.name = f"{a.name}-{seen[a.name]}"
+    for a in arts:
+        check_compatible(ref_art, a, needs_images=needs_images)
+    return ref_art, arts
+
+
+def _load_benches(specs: tuple[str, ...], limit: int, seed: int, skip_bad: bool) -> Any:
+    from r1v_quant.bench_sets import BenchSet, load_bench
+
+    sets = [load_bench(s, limit=limit, seed=seed, skip_bad=skip_bad) for s in specs]
+    if len(sets) == 1:
+        return sets[0]
+    items = []
+    for s in sets:  # several benchmarks: categories are prefixed with the benchmark's name
+        for it in s.items:
+            it.category = f"{s.name}/{it.category}"
+            items.append(it)
+    return BenchSet(
+        "+".join(s.name for s in sets),
+        items,
+        [b for s in sets for b in s.bad],
+        sum(s.total_rows for s in sets),
+    )
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Quality measurements of quantized artifacts against the 16-bit reference."""
+
+
+@eval_group.command("ppl")
+@_models
+@click.option("--set", "set_name", default=None, help="Built-in windows: heldout (text + image answers).")
+@_windows
+@click.option(
+    "--ref-dtype",
+    type=click.Choice(["auto", "float32", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Storage of the reference log-probs between models.",
+)
+@_runtime
+@click.option("--json", "as_json", is_flag=True)
+def ppl_command(
+    ref: Path,
+    cands: tuple[Path, ...],
+    set_name: str | None,
+    text_file: Path | None,
+    ctx: int,
+    stride: int | None,
+    chunks: int,
+    n_text: int,
+    n_image: int,
+    ref_dtype: str,
+    threads: int | None,
+    gpu_layers: int,
+    as_json: bool,
+) -> None:
+    """Perplexity of REF and each candidate on identical windows, and KL divergence against REF."""
+    from r1v_quant.eval_ppl import WindowSpec, build_windows, evaluate_models, format_ppl, ppl_report
+
+    if set_name is None and text_file is None:
+        raise R1VError("pass --text FILE and/or --set heldout")
+    ws = WindowSpec(set_name, text_file, ctx, stride, n_text, n_image, chunks)
+    ref_art, arts = _resolve(ref, cands, needs_images=set_name is not None)
+    windows = build_windows(ref_art, ws)
+    runs = evaluate_models(
+        ref_art,
+        arts,
+        windows,
+        n_threads=threads,
+        n_gpu_layers=gpu_layers,
+        ref_dtype=ref_dtype,
+        progress=not as_json,
+    )
+    report = ppl_report(runs[0], runs[1:], windows, ws)
+    _emit(report, as_json, format_ppl(report))
+
+
+@eval_group.command("bench")
+@_models
+@click.option(
+    "--bench",
+    "benches",
+    multiple=True,
+    required=True,
+    help="builtin:tiny, a JSONL / VLMEvalKit TSV file, or a folder of them. Repeatable.",
+)
+@_bench_opts
+@click.option(
+    "--max-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Gate: exit 1 when a candidate's accuracy is more than this many points below REF's.",
+)
+@click.option(
+    "--save-responses",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write every response with its grading to this JSONL file.",
+)
+@_runtime
+@click.option("--json", "as_json", is_flag=True)
+def bench_command(
+    ref: Path,
+    cands: tuple[Path, ...],
+    benches: tuple[str, ...],
+    limit: int,
+    max_tokens: int,
+    skip_bad: bool,
+    seed: int,
+    max_drop: float,
+    save_responses: Path | None,
+    threads: int | None,
+    gpu_layers: int,
+    as_json: bool,
+) -> None:
+    """Accuracy of REF and each candidate on a benchmark, paired deltas, McNemar p-values and the gate."""
+    from r1v_quant.eval_bench import bench_report, bench_runner, format_bench
+    from r1v_quant.eval_bench import save_responses as save
+    from r1v_quant.eval_ppl import evaluate_models
+
+    if max_tokens < 1:
+        raise R1VError("--max-tokens must be at least 1")
+    bench = _load_benches(benches, limit, seed, skip_bad)
+    needs_images = any(it.images for it in bench.items)
+    ref_art, arts = _resolve(ref, cands, needs_images=needs_images)
+    runs = evaluate_models(
+        ref_art,
+        arts,
+        [],
+        per_model=bench_runner(bench.items, max_tokens, progress=not as_json),
+        gen_budget=max_tokens,
+        n_threads=threads,
+        n_gpu_layers=gpu_layers,
+        progress=not as_json,
+    )
+    pairs = [(r.artifact.describe(), r.bench) for r in runs]
+    if save_responses is not None:
+        save(save_responses, pairs)
+    report = bench_report(bench, pairs, max_drop=max_drop, seed=seed, max_tokens=max_tokens)
+    _emit(report, as_json, format_bench(report))
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@click.command("check")
+@_models
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Report folder (new or empty): report.md, report.json, quality_vs_size.png.",
+)
+@click.option(
+    "--set",
+    "set_name",
+    default="heldout",
+    show_default=True,
+    help="Built-in windows (text + image answers); 'none' for --text only.",
+)
+@_windows
+@click.option(
+    "--bench",
+    "benches",
+    multiple=True,
+    default=("builtin:tiny",),
+    show_default=True,
+    help="Benchmark(s) (see `eval bench`); 'none' to skip.",
+)
+@_bench_opts
+@click.option(
+    "--max-kld", type=float, default=0.05, show_default=True, help="Gate: mean KLD per window kind."
+)
+@click.option(
+    "--max-ppl-ratio", type=float, default=1.05, show_default=True, help="Gate: PPL ratio per kind."
+)
+@click.option(
+    "--min-top1", type=float, default=90.0, show_default=True, help="Gate: same top token, percent."
+)
+@click.option(
+    "--max-drop", type=float, default=1.0, show_default=True, help="Gate: benchmark accuracy drop, points."
+)
+@_runtime
+@click.option("--json", "as_json", is_flag=True)
+def check_command(
+    ref: Path,
+    cands: tuple[Path, ...],
+    out: Path,
+    set_name: str,
+    text_file: Path | None,
+    ctx: int,
+    stride: int | None,
+    chunks: int,
+    n_text: int,
+    n_image: int,
+    benches: tuple[str, ...],
+    limit: int,
+    max_tokens: int,
+    skip_bad: bool,
+    seed: int,
+    max_kld: float,
+    max_ppl_ratio: float,
+    min_top1: float,
+    max_drop: float,
+    threads: int | None,
+    gpu_layers: int,
+    as_json: bool,
+) -> None:
+    """The release gate: ppl / KLD (text + image windows) and benchmark deltas for every candidate, gates
+    applied, report written to OUT. Exit 1 when any candidate fails a gate."""
+    from r1v_quant.atomic import check_output_dir
+    from r1v_quant.check import Gates, format_markdown, run_check, write_report
+    from r1v_quant.eval_ppl import WindowSpec
+
+    check_output_dir(out)  # fail now, not after the measurements
+    if max_tokens < 1:
+        raise R1VError("--max-tokens must be at least 1")
+    set_opt = None if set_name == "none" else set_name
+    if set_opt is None and text_file is None:
+        raise R1VError("nothing to score: --set none needs --text FILE")
+    bench = None if benches == ("none",) else _load_benches(benches, limit, seed, skip_bad)
+    needs_images = set_opt is not None or bool(bench and any(it.images for it in bench.items))
+    ref_art, arts = _resolve(ref, cands, needs_images=needs_images)
+    ws = WindowSpec(set_opt, text_file, ctx, stride, n_text, n_image, chunks)
+    gates = Gates(max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_drop=max_drop)
+    command = (
+        "r1v-quant " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["check"] else ""
+    )
+    report = run_check(
+        ref_art,
+        arts,
+        ws,
+        bench,
+        gates,
+        max_tokens=max_tokens,
+        seed=seed,
+        n_threads=threads,
+        n_gpu_layers=gpu_layers,
+        progress=not as_json,
+        command=command,
+    )
+    write_report(report, out)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        summary = format_markdown(report).split("## KL divergence")[0].rstrip()
+        click.echo(summary)
+        click.echo(f"\nreport written to {out}/ (report.md, report.json, quality_vs_size.png)")
+    if not report["passed"]:
+        sys.exit(1)

@@ -1,0 +1,229 @@
+"""`eval bench` and `check` on the tiny replica: grading with truncation, gates and their exit codes, the
+report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from eval_helpers import perturbed_copy
+
+from r1v_quant.bench_sets import BenchItem
+from r1v_quant.check import Gates, apply_gates, format_markdown
+from r1v_quant.cli import main
+from r1v_quant.eval_bench import grade
+
+
+def _item(kind: str = "numeric", answer: str = "42") -> BenchItem:
+    return BenchItem("x", "What?", answer, kind, "cat")
+
+
+def test_grade_counts_truncation_apart() -> None:
+    text = "Let me think.\n</think>\n\nThe answer is \\boxed{42}."
+    ok = grade(_item(), text, stopped=True, n_tokens=20)
+    assert (ok.pred, ok.correct, ok.truncated) == ("42", True, False)
+    # the same text cut off by the budget is never graded, even though it holds the right answer
+    cut = grade(_item(), text, stopped=False, n_tokens=20)
+    assert (cut.pred, cut.correct, cut.truncated) == (None, False, True)
+    # the answer after </think> wins over numbers in the reasoning
+    r = grade(_item(), "so 41 or 43?\n</think>\n\n\\boxed{43}", stopped=True, n_tokens=9)
+    assert (r.pred, r.correct) == ("43", False)
+    # a model that stops without closing its reasoning is still read
+    r = grade(_item(), "The answer is 42.", stopped=True, n_tokens=5)
+    assert (r.pred, r.correct) == ("42", True)
+
+
+def test_apply_gates() -> None:
+    good = {"kld_mean": 0.01, "ppl_ratio": 1.01, "same_top_pct": 95.0}
+    kinds = {"text": good, "image": {**good, "kld_mean": 0.2}, "all": {**good, "kld_mean": 0.9}}
+    fails = apply_gates(kinds, {"drop": 0.5}, Gates())
+    assert fails == ["image KLD 0.2 > 0.05"]  # "all" is reported, never gated on its own
+    fails = apply_gates({"text": {**good, "ppl_ratio": 1.2, "same_top_pct": 80.0}}, {"drop": 3.0}, Gates())
+    assert fails == [
+        "text PPL ratio 1.2000 > 1.05",
+        "text same top token 80.0 % < 90 %",
+        "benchmark drop 3.0 > 1 points",
+    ]
+    assert apply_gates({"text": good}, None, Gates()) == []
+
+
+@pytest.fixture(scope="module")
+def broken_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The replica with its output layer drowned in noise: answers become garbage."""
+    return perturbed_copy(tiny_dir, tmp_path_factory.mktemp("broken") / "tiny-broken", noise=3.0)
+
+
+def _bench_file(tmp: Path) -> Path:
+    """Colour questions about PNG files plus arithmetic, as a JSONL benchmark with image paths."""
+    from r1v_quant.synthdata import image_problems, render_shape, text_problems
+
+    (tmp / "img").mkdir()
+    rows = []
+    for k, p in enumerate(image_problems(4, 321)):  # 4 pictures + 2 arithmetic questions
+        render_shape(p.color, p.shape).save(tmp / "img" / f"{k}.png")
+        rows.append(
+            {
+                "id": f"i{k}",
+                "question": p.question,
+                "answer": p.answer,
+                "image": f"img/{k}.png",
+                "kind": "text",
+                "category": "image",
+                "instruction": "",
+            }
+        )
+    for k, p in enumerate(text_problems(2, 321)):
+        rows.append(
+            {"id": f"t{k}", "question": p.question, "answer": p.answer, "category": p.kind, "instruction": ""}
+        )
+    f = tmp / "bench.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+@pytest.mark.slow
+def test_bench_gate_exit_codes(tiny_dir: Path, broken_dir: Path, tmp_path: Path) -> None:
+    """An identical candidate passes, a broken one fails the gate (exit 1); its cut-off answers count."""
+    bench = _bench_file(tmp_path)
+    responses = tmp_path / "responses.jsonl"
+    res = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "bench",
+            "--ref",
+            str(tiny_dir),
+            "--cand",
+            str(tiny_dir),
+            "--cand",
+            str(broken_dir),
+            "--bench",
+            str(bench),
+            "--max-tokens",
+            "48",
+            "--save-responses",
+            str(responses),
+            "--json",
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    rep = json.loads(res.output)
+    assert (
+        rep["reference"]["n"] == 6 and rep["reference"]["acc"] >= 50.0
+    )  # it answers its own kind of question
+    same, broken = rep["candidates"]
+    assert same["paired"]["delta"] == 0.0 and same["paired"]["p_mcnemar"] == 1.0 and same["passed"]
+    assert broken["drop"] > 1.0 and not broken["passed"] and not rep["passed"]
+    assert broken["truncated"] > 0 and broken["acc"] < rep["reference"]["acc"]
+    p = broken["paired"]
+    assert p["ci_low"] <= p["delta"] <= p["ci_high"] and p["only_ref"] >= 1
+    assert set(p["per_category"]) == set(rep["reference"]["per_category"]) >= {"image"}
+    lines = [json.loads(x) for x in responses.read_text().splitlines()]
+    assert len(lines) == 18 and {x["artifact"] for x in lines} == {
+        tiny_dir.name,
+        broken_dir.name,
+        f"{tiny_dir.name}-2",
+    }
+    cut = [x for x in lines if x["truncated"]]
+    assert cut and all(x["pred"] is None and not x["correct"] and x["n_tokens"] == 48 for x in cut)
+
+
+def test_bench_bad_rows_and_missing_images(tiny_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(
+        '{"question": "1 + 1?", "answer": "2"}\n{"question": "x", "answer": "1", "image": "gone.png"}\n'
+    )
+    runner = CliRunner()
+    args = ["eval", "bench", "--ref", str(tiny_dir), "--cand", str(tiny_dir), "--bench", str(f)]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2 and "bad.jsonl:2: image gone.png not found" in res.output
+    res = runner.invoke(main, [*args, "--skip-bad", "--max-tokens", "48", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["bench"]["items"] == 1 and rep["bench"]["skipped_bad"][0]["where"] == "bad.jsonl:2"
+
+
+def test_check_writes_report_and_gates(tiny_dir: Path, tiny_rms_dir: Path, tmp_path: Path) -> None:
+    noisy = perturbed_copy(tiny_dir, tmp_path / "tiny-noisy", noise=0.05)
+    runner = CliRunner()
+    base = [
+        "check",
+        "--ref",
+        str(tiny_dir),
+        "--n-text",
+        "2",
+        "--n-image",
+        "1",
+        "--bench",
+        "builtin:tiny",
+        "--limit",
+        "4",
+        "--max-tokens",
+        "64",
+    ]
+    out = tmp_path / "report"
+    res = runner.invoke(main, [*base, "--cand", str(noisy), "--out", str(out), "--max-kld", "1e-9"])
+    assert res.exit_code == 1, res.output  # the KLD gate is set below any real difference
+    assert sorted(p.name for p in out.iterdir()) == ["quality_vs_size.png", "report.json", "report.md"]
+    rep = json.loads((out / "report.json").read_text())
+    row = rep["rows"][0]
+    for key in (
+        "artifact",
+        "path",
+        "backend",
+        "size_bytes",
+        "ppl",
+        "ppl_ratio",
+        "kld_mean",
+        "top1_pct",
+        "bench_acc",
+        "bench_delta",
+        "ci_low",
+        "ci_high",
+        "passed",
+    ):
+        assert key in row, key
+    assert row["backend"] == "torch" and row["passed"] is False and row["kld_mean"] > 0
+    assert any(f.startswith("text KLD") for f in row["failures"]) and any(
+        f.startswith("image KLD") for f in row["failures"]
+    )
+    assert (out / "quality_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "**Verdict: FAIL**" in md and "tiny-noisy" in md and "| image |" in md
+    assert md == format_markdown(rep)
+    # loose gates: exit 0; an existing non-empty --out is refused before any work
+    out2 = tmp_path / "report2"
+    res = runner.invoke(
+        main,
+        [
+            "check",
+            "--ref",
+            str(tiny_dir),
+            "--n-text",
+            "1",
+            "--n-image",
+            "1",
+            "--bench",
+            "none",
+            "--cand",
+            str(noisy),
+            "--out",
+            str(out2),
+            "--max-kld",
+            "10",
+            "--max-ppl-ratio",
+            "10",
+            "--min-top1",
+            "0",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((out2 / "report.json").read_text())["passed"] is True
+    res = runner.invoke(main, [*base, "--cand", str(noisy), "--out", str(out2)])
+    assert res.exit_code == 2 and "not empty" in res.output
+    # another architecture is refused with the reason, and nothing is written
+    out3 = tmp_path / "report3"
+    res = runner.invoke(main, [*base, "--cand", str(tiny_rms_dir), "--out", str(out3)])
+    assert res.exit_code == 2 and "differs from the reference's" in res.output and not out3.exists()
