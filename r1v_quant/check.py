@@ -316,3 +316,33 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(format_markdown(report), encoding="utf-8")
         plot_quality_vs_size(report, tmp / "quality_vs_size.png")
+
+
+def card_rows(report: dict[str, Any]) -> dict[Path, list[dict[str, Any]]]:
+    """The report's rows grouped by artifact folder, in the columns the model card shows."""
+    from r1v_quant.model_card import CARD_NAME
+
+    out: dict[Path, list[dict[str, Any]]] = {}
+    for r in report["rows"]:
+        path = Path(r["path"])
+        folder = path if path.is_dir() else path.parent
+        if not (folder / CARD_NAME).is_file():
+            continue
+        out.setdefault(folder, []).append(
+            {
+                "artifact": r["artifact"],
+                "size": r["size_bytes"],
+                "ppl_ratio": r["ppl_ratio"],
+                "kld": r["kld_mean"],
+                "top1": r["top1_pct"],
+                "bench_delta": r["bench_delta"],
+            }
+        )
+    return out
+
+
+def update_cards(report: dict[str, Any]) -> list[Path]:
+    """Write each candidate's measured quality into the model card of its artifact folder."""
+    from r1v_quant.model_card import update_card_quality
+
+    return [update_card_quality(folder, rows) for folder, rows in card_rows(report).items()]

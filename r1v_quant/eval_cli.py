@@ -299,6 +299,11 @@ def bench_command(
 @click.option(
     "--max-drop", type=float, default=1.0, show_default=True, help="Gate: benchmark accuracy drop, points."
 )
+@click.option(
+    "--update-cards",
+    is_flag=True,
+    help="Write the quality table into each candidate folder's model card (README.md) when it has one.",
+)
 @_runtime
 @click.option("--json", "as_json", is_flag=True)
 def check_command(
@@ -323,6 +328,7 @@ def check_command(
     max_drop: float,
     threads: int | None,
     gpu_layers: int,
+    update_cards: bool,
     as_json: bool,
 ) -> None:
     """The release gate: ppl / KLD (text + image windows) and benchmark deltas for every candidate, gates
@@ -359,6 +365,10 @@ def check_command(
         command=command,
     )
     write_report(report, out)
+    if update_cards:
+        from r1v_quant.check import update_cards as write_cards
+
+        report["cards_updated"] = [str(p) for p in write_cards(report)]
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:

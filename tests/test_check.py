@@ -227,3 +227,26 @@ def test_check_writes_report_and_gates(tiny_dir: Path, tiny_rms_dir: Path, tmp_p
     out3 = tmp_path / "report3"
     res = runner.invoke(main, [*base, "--cand", str(tiny_rms_dir), "--out", str(out3)])
     assert res.exit_code == 2 and "differs from the reference's" in res.output and not out3.exists()
+
+
+def test_update_cards_writes_each_folders_rows(tiny_dir: Path, tmp_path: Path) -> None:
+    """`check --update-cards`: rows go to the card of the folder that holds each artifact."""
+    from r1v_quant.check import update_cards
+    from r1v_quant.model_card import CARD_NAME, Card, write_card
+
+    gguf_dir, plain = tmp_path / "gguf", tmp_path / "no-card"
+    for d in (gguf_dir, plain):
+        d.mkdir()
+    write_card(gguf_dir, Card(kind="gguf", source=tiny_dir, folder="g", summary="s", commands=["c"],
+                              details={}, files={}))  # fmt: skip
+    (gguf_dir / "m-Q8_0.gguf").write_bytes(b"GGUF")
+
+    def row(name: str, path: Path, kld: float) -> dict:
+        return {"artifact": name, "path": str(path), "size_bytes": 2_000_000, "ppl_ratio": 1.01,
+                "kld_mean": kld, "top1_pct": 97.5, "bench_delta": -1.5}  # fmt: skip
+
+    report = {"rows": [row("m-Q8_0.gguf", gguf_dir / "m-Q8_0.gguf", 0.00123), row("x", plain, 0.5)]}
+    assert update_cards(report) == [gguf_dir / CARD_NAME]
+    text = (gguf_dir / CARD_NAME).read_text()
+    assert "| m-Q8_0.gguf |" in text and "0.00123" in text and "97.5" in text
+    assert not (plain / CARD_NAME).exists()
