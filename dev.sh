@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for people and CI.
-#   ./dev.sh demo    set up .venv (CPU torch) and run the pipeline demo on the built-in tiny model
+#   ./dev.sh demo    set up .venv with every extra and run the pipeline demo on the built-in tiny model
 #   ./dev.sh test    set up .venv with every extra (llama-cpp-python compiles once, ~15 min) and run ruff + all tests
 #   ./dev.sh setup [core|full]
 # R1V_TORCH overrides the torch requirement (default torch==2.13.0, the CPU build on this machine class;
@@ -32,7 +32,7 @@ setup() {
 case "${1:-}" in
   setup) setup "${2:-core}" ;;
   demo)
-    setup core
+    setup full  # the demo's GGUF, llama.cpp chat, check and profile steps need every extra
     shift
     "$VENV/bin/r1v-quant" demo "$@"
     ;;

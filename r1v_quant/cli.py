@@ -12,6 +12,7 @@ import click
 
 from r1v_quant import __version__
 from r1v_quant.errors import R1VError
+from r1v_quant.hub import model_argument
 
 # Commands that live with their pipeline stage, imported only when used (their heavy or optional
 # dependencies must not slow down or break the rest of the CLI).
@@ -20,8 +21,16 @@ LAZY_COMMANDS = {
     "awq": "r1v_quant.exporters.awq_cli:awq_command",
     "gguf": "r1v_quant.exporters.cli_gguf:gguf_command",
     "onnx": "r1v_quant.exporters.onnx_cli:onnx_command",
+    "chat": "r1v_quant.chat:chat_command",
+    "eval": "r1v_quant.eval_cli:eval_group",
+    "check": "r1v_quant.eval_cli:check_command",
+    "plan": "r1v_quant.profile_cli:plan_command",
+    "profile": "r1v_quant.profile_cli:profile_command",
 }
-EXTRAS = {"gguf": "gguf", "llama_cpp": "gguf", "onnx": "onnx", "onnxruntime": "onnx", "skimage": "calib"}
+EXTRAS = {
+    "gguf": "gguf", "llama_cpp": "gguf", "onnx": "onnx", "onnxruntime": "onnx", "skimage": "calib",
+    "matplotlib": "calib",
+}  # fmt: skip
 
 
 class Group(click.Group):
@@ -109,7 +118,7 @@ def tiny(
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@model_argument(weights=False)
 @click.option("--flavor", type=click.Choice(["r1v", "r1v2", "r1v3"]), default=None)
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model: Path, flavor: str | None, as_json: bool) -> None:
@@ -121,7 +130,7 @@ def inspect(model: Path, flavor: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@model_argument()
 @click.option("--prompt", "-p", required=True, help="Question; '<image>' marks where images go.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file(s).")
 @click.option("--system", default=None, help="System message.")
@@ -159,14 +168,16 @@ def generate(
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("r1v-demo"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores).")
 @click.option("--json", "as_json", is_flag=True)
-def demo(out: Path, seed: int, as_json: bool) -> None:
-    """Run the pipeline end to end on the built-in tiny replica (re-runs reuse finished steps)."""
+def demo(out: Path, seed: int, threads: int | None, as_json: bool) -> None:
+    """Run the pipeline end to end on the built-in tiny replica: replica, calibration, AWQ, GGUF, quality
+    gates, profile, a question through llama.cpp, report folder (re-runs reuse finished steps)."""
     from r1v_quant.demo import run_demo
 
-    results = run_demo(out, seed=seed)
+    results = run_demo(out, seed=seed, threads=threads, table=not as_json)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

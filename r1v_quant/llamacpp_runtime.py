@@ -391,7 +391,7 @@ class LlamaCppRuntime:
         rng = np.random.default_rng(seed)
         result = RuntimeResult()
         for _ in range(max_new_tokens):
-            nxt = _sample(logits, temperature, top_p, rng)  # type: ignore[arg-type]
+            nxt = sample_token(logits, temperature, top_p, rng)  # type: ignore[arg-type]
             if nxt in self.stop_ids and not ignore_stop:
                 result.stopped = True  # the stop token itself never enters the cache
                 break
@@ -414,7 +414,7 @@ class LlamaCppRuntime:
         return result
 
 
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature

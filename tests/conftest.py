@@ -6,6 +6,7 @@ every module that shapes them, so an edit there rebuilds. CI leaves it unset and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -34,12 +35,12 @@ def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **opts: object) 
     for f in _REPLICA_SOURCES:
         h.update((ROOT / "r1v_quant" / f).read_bytes())
     out = Path(cache) / f"{name}-{h.hexdigest()[:16]}"
-    if not out.is_dir():
-        try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one builder per replica; concurrent sessions wait for it instead of building the same thing
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_dir():
             build_tiny(out, TinyOptions(**opts))  # type: ignore[arg-type]
-        except Exception:
-            if not out.is_dir():  # another session may have finished the same build first
-                raise
     return out
 
 

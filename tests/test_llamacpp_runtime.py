@@ -14,7 +14,7 @@ from r1v_quant.checkpoint import open_checkpoint  # noqa: E402
 from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
-from r1v_quant.llamacpp_runtime import LlamaCppRuntime, _sample, find_gguf_pair  # noqa: E402
+from r1v_quant.llamacpp_runtime import LlamaCppRuntime, find_gguf_pair, sample_token  # noqa: E402
 from r1v_quant.model import R1VModel, build_inputs  # noqa: E402
 from r1v_quant.synthdata import render_shape  # noqa: E402
 
@@ -105,13 +105,13 @@ def test_tokenizer_and_detokenizer_round_trip(runtime: LlamaCppRuntime) -> None:
 
 def test_sampling() -> None:
     logits = np.array([0.0, 5.0, 1.0, -2.0], np.float32)
-    assert _sample(logits, 0.0, 1.0, np.random.default_rng(0)) == 1
-    draws = [_sample(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(200)]
+    assert sample_token(logits, 0.0, 1.0, np.random.default_rng(0)) == 1
+    draws = [sample_token(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(200)]
     assert set(draws) > {1} and draws == [
-        _sample(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(200)
+        sample_token(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(200)
     ]
     # at temperature 5 the probabilities are .18 .49 .22 .12: top-p 0.5 keeps the two largest
-    assert {_sample(logits, 5.0, 0.5, np.random.default_rng(s)) for s in range(100)} == {1, 2}
+    assert {sample_token(logits, 5.0, 0.5, np.random.default_rng(s)) for s in range(100)} == {1, 2}
 
 
 def test_bad_inputs(runtime: LlamaCppRuntime, exported: Path, tmp_path: Path) -> None:

@@ -1,0 +1,119 @@
+"""`r1v-quant demo`: the reuse rules of its steps (fast), and the whole demo end to end (slow): every step
+runs, the report folder is written, a re-run reuses every step, a step whose record or output is gone is
+redone together with the steps that read it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from r1v_quant.demo import Demo, Step
+
+STEPS = ["tiny", "inspect", "calibrate", "awq", "gguf", "check", "profile", "ask"]
+
+
+def _toy_steps(out: Path, runs: list[str]) -> list[Step]:
+    """a -> b (reads a) ; c needs a module that does not exist ; d reads c."""
+
+    def make(key: str):
+        def run() -> dict:
+            runs.append(key)
+            (out / f"{key}.txt").write_text(key)
+            return {"value": key}
+
+        return run
+
+    return [
+        Step("a", "step a", make("a"), ("a.txt",), line=lambda r: r["value"]),
+        Step("b", "step b", make("b"), ("b.txt",), after=("a",)),
+        Step("c", "step c", make("c"), ("c.txt",), needs=("no_such_module_r1v",)),
+        Step("d", "step d", make("d"), ("d.txt",), after=("c",)),
+    ]
+
+
+def _run(out: Path, seed: int = 0) -> tuple[dict[str, str], list[str]]:
+    runs: list[str] = []
+    demo = Demo(out, seed=seed)
+    for i, step in enumerate(_toy_steps(out, runs), 1):
+        demo.run_step(step, i, 4)
+    return {k: r["status"] for k, r in demo.records.items()}, runs
+
+
+def test_steps_are_reused_redone_or_skipped(tmp_path: Path) -> None:
+    status, runs = _run(tmp_path)
+    assert status == {"a": "done", "b": "done", "c": "skipped", "d": "skipped"} and runs == ["a", "b"]
+    assert json.loads((tmp_path / "steps" / "a.json").read_text())["result"] == {"value": "a"}
+    assert not (tmp_path / "steps" / "c.json").exists()
+
+    assert _run(tmp_path) == ({"a": "reused", "b": "reused", "c": "skipped", "d": "skipped"}, [])
+
+    (tmp_path / "steps" / "b.json").unlink()  # record gone: redo b (its stale output is replaced)
+    assert _run(tmp_path)[1] == ["b"]
+    (tmp_path / "a.txt").unlink()  # output gone: redo a, and b that reads it
+    assert _run(tmp_path)[1] == ["a", "b"]
+    (tmp_path / "steps" / "a.json").write_text("{truncated")  # a damaged record counts as missing
+    assert _run(tmp_path)[1] == ["a", "b"]
+    assert _run(tmp_path, seed=1)[1] == ["a", "b"]  # another seed: nothing is reused
+    assert _run(tmp_path, seed=1)[1] == []
+
+
+def _demo(out: Path) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "r1v_quant.cli", "demo", "--out", str(out), "--json", "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout), time.perf_counter() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_demo_runs_every_step_then_reuses_them(tmp_path: Path) -> None:
+    for module in ("gguf", "llama_cpp", "skimage", "matplotlib"):
+        pytest.importorskip(module)
+    out = tmp_path / "demo"
+    first, _ = _demo(out)
+    steps = first["steps"]
+    assert list(steps) == STEPS
+    assert {k: s["status"] for k, s in steps.items()} == dict.fromkeys(STEPS, "done")
+    for key in STEPS:
+        assert (out / "steps" / f"{key}.json").is_file()
+
+    ask = steps["ask"]["result"]["answers"]
+    assert [a["engine"] for a in ask] == ["torch 16-bit", "llama.cpp Q4_K_M", "llama.cpp Q4_K_M"]
+    assert "blue" in ask[0]["answer"]  # the 16-bit replica names the colour of the rendered circle
+    assert ask[2]["image"] == "coffee.png" and ask[2]["tiles"] == 7  # 600x400 photo: 3x2 tiles + thumbnail
+    assert steps["awq"]["result"]["loss_sum"] < steps["awq"]["result"]["loss_rtn_sum"]
+    assert len(steps["check"]["result"]["rows"]) == 2
+    assert (out / "check" / "report.md").is_file() and (out / "profile.json").is_file()
+
+    report = out / "report"
+    md = (report / "report.md").read_text()
+    for key in STEPS:
+        assert f"| {steps[key]['title']} | done |" in md
+    assert "## Quality gates" in md and "## Answers" in md and "skimage.data.coffee()" in md
+    for plot in ("quality_vs_size.png", "awq_layers.png", "sizes.png"):
+        assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in md
+
+    again, seconds = _demo(out)
+    assert {k: s["status"] for k, s in again["steps"].items()} == dict.fromkeys(STEPS, "reused")
+    assert seconds < 60  # nothing is recomputed: imports, the plots and the report
+    assert again["steps"]["ask"]["result"] == steps["ask"]["result"]
+    assert "| reused |" in (report / "report.md").read_text()
+
+    # a lost record or a lost output redoes that step (here: steps nothing else reads)
+    (out / "steps" / "ask.json").unlink()
+    (out / "profile.json").unlink()
+    third, _ = _demo(out)
+    status = {k: s["status"] for k, s in third["steps"].items()}
+    assert status == {**dict.fromkeys(STEPS, "reused"), "profile": "done", "ask": "done"}
+    for new, old in zip(third["steps"]["ask"]["result"]["answers"], ask, strict=True):
+        assert {**new, "timings": None} == {**old, "timings": None}
