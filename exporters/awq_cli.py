@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
+from r1v_quant.hub import model_argument
+
 
 @click.command("awq")
-@click.argument("model", type=click.Path(path_type=Path))
+@model_argument()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
 @click.option("--group-size", type=int, default=128, show_default=True)
 @click.option(

@@ -28,6 +28,7 @@ from r1v_quant.awq import LINEARS, AWQConfig, LayerResult, apply_quantized, quan
 from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter
 from r1v_quant.errors import R1VError
 from r1v_quant.exporters.awq_format import pack_awq, unpack_awq
+from r1v_quant.model_card import CARD_NAME, awq_card, write_card
 from r1v_quant.spec import LLM_PREFIX
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
@@ -252,7 +253,7 @@ def _assemble(
         for f in sorted(model_dir.iterdir()):
             if (
                 f.is_file()
-                and f.name not in ("config.json", INDEX_NAME)
+                and f.name not in ("config.json", INDEX_NAME, CARD_NAME)  # the source's card: ours below
                 and not f.name.endswith(WEIGHT_SUFFIXES)
             ):
                 shutil.copy2(f, tmp / f.name)
@@ -277,4 +278,5 @@ def _assemble(
             },
         }
         (tmp / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_card(tmp, awq_card(report, model_dir, tmp, out_name=str(out)))
     return report
