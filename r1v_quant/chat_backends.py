@@ -124,10 +124,7 @@ class LlamaCppLM:
         )
 
     def close(self) -> None:
-        from r1v_quant.exporters.gguf_common import llama_log
-
-        with llama_log(self.rt.verbose):  # llama_free reports its buffer sizes otherwise
-            self.rt.close()
+        self.rt.close()  # the runtime silences llama_free's buffer report itself
 
 
 class TorchLM:
