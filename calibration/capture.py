@@ -10,22 +10,27 @@ Peak RAM is one layer plus the cached activations, and those spill to disk beyon
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from r1v_quant.checkpoint import Checkpoint
 from r1v_quant.llm import Qwen2Layer, rope_cos_sin
+from r1v_quant.norms import RMSNorm
 from r1v_quant.vision import Projector, VisionEmbeddings, VisionLayer, pixel_shuffle
 
 from .dataset import CalibrationSet
-from .render import RenderedSample, Renderer
+from .render import MODALITIES, RenderedSample, Renderer
 from .stats import LayerStats
 from .store import ActivationList, ActivationStore
 
 EMBED_NAME = "language_model.model.embed_tokens.weight"
+FINAL_NORM = "language_model.model.norm"
+LM_HEAD = "language_model.lm_head.weight"
 
 
 def load_decoder_layer(ckpt: Checkpoint, index: int, dtype: torch.dtype = torch.float32) -> Qwen2Layer:
@@ -195,3 +200,92 @@ def iter_layers(
             del cap, layer
     finally:
         bar.close()
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    ckpt: Checkpoint,
+    renderer: Renderer,
+    cset: CalibrationSet,
+    rendered: Sequence[RenderedSample],
+    store: ActivationStore,
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((decoder layers, 3), (3,)): per layer and modality code, the mean over such tokens of |dL/dh|², h
+    the layer's output and L the summed cross-entropy of the response tokens; and the token counts.
+
+    MBQ's modality sensitivity (squared: the Fisher estimate of what an output error on such a token costs
+    the answer). Streamed like `iter_layers`, one layer resident at a time: the forward pass keeps the
+    inputs of every k-th layer (k ~ sqrt(layers)) in `store`, and the backward pass, from the top, re-runs
+    each segment of k layers from its checkpoint before back-propagating through it: about 2·sqrt(layers)
+    cached copies of the samples' activations, and each layer loaded three times.
+    """
+    n, spec = len(rendered), ckpt.spec
+    num_layers, response = spec.llm.num_layers, MODALITIES.index("response")
+    k = max(1, math.ceil(math.sqrt(num_layers)))
+    feats = image_features(ckpt, renderer, cset, rendered, store, dtype=dtype, progress=False)
+    embed_samples(ckpt, rendered, feats, ActivationList(store, "sens0", n), dtype=dtype)
+    longest = max((r.length for r in rendered), default=1)
+    cos, sin = rope_cos_sin(spec.llm, torch.arange(longest), dtype)
+    recompute = sum(min(f + k, num_layers) - 1 - f for f in range(0, num_layers, k))
+    bar = tqdm(total=2 * num_layers + recompute, desc="sensitivity", unit="layer", disable=not progress)
+
+    def forward(first: int, last: int, keep_every: int) -> None:
+        """Layers first..last-1 from the cached input of `first`, caching each input of keep_every."""
+        for i in range(first, last):
+            layer = load_decoder_layer(ckpt, i, dtype)
+            src = ActivationList(store, f"sens{i}", n)
+            dst = ActivationList(store, f"sens{i + 1}", n)
+            for j in range(n):
+                x = src[j]
+                dst[j] = layer(x[None], cos[: len(x)], sin[: len(x)])[0]
+            if (i - first) % keep_every:
+                store.drop(f"sens{i}")
+            bar.update(1)
+            del layer
+
+    forward(0, num_layers, k)
+    norm = RMSNorm(spec.llm.hidden_size, spec.llm.rms_eps)
+    norm.weight.copy_(ckpt.get(f"{FINAL_NORM}.weight").to(dtype))
+    head = ckpt.get(LM_HEAD if LM_HEAD in ckpt.weight_map else EMBED_NAME).to(dtype)  # tied or not
+    grads, top = ActivationList(store, "sens_grad", n), ActivationList(store, f"sens{num_layers}", n)
+    for j, r in enumerate(rendered):
+        h = top[j].clone().requires_grad_(True)
+        rows = torch.nonzero(r.modality[1:] == response).flatten()  # positions predicting a response token
+        g = torch.zeros_like(h)
+        for r0 in range(0, rows.numel(), 512):  # logits chunked: the vocabulary is large
+            sel = rows[r0 : r0 + 512]
+            with torch.enable_grad():
+                loss = F.cross_entropy(norm(h[sel]) @ head.T, r.input_ids[sel + 1], reduction="sum")
+                g += torch.autograd.grad(loss, h)[0]
+        grads[j] = g
+    del head
+    store.drop(f"sens{num_layers}")
+    out = torch.zeros(num_layers, len(MODALITIES), dtype=torch.float64)
+    counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
+    for r in rendered:
+        counts += torch.bincount(r.modality.long(), minlength=len(MODALITIES)).double()
+    for first in reversed(range(0, num_layers, k)):
+        last = min(first + k, num_layers)
+        forward(first, last - 1, 1)  # the inputs of every layer of this segment, from its checkpoint
+        for i in reversed(range(first, last)):
+            for j, r in enumerate(rendered):  # grads[j]: dL / d(output of layer i)
+                sq = grads[j].double().pow(2).sum(-1)
+                out[i] += torch.bincount(r.modality.long(), weights=sq, minlength=len(MODALITIES))
+            if i > 0:
+                layer = load_decoder_layer(ckpt, i, dtype).requires_grad_(False)
+                acts = ActivationList(store, f"sens{i}", n)
+                for j in range(n):
+                    x = acts[j].clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        y = layer(x[None], cos[: len(x)], sin[: len(x)])[0]
+                        # a scalar vector-Jacobian product: grad_outputs= would import sympy (about a second)
+                        grads[j] = torch.autograd.grad((y * grads[j]).sum(), x)[0]
+                del layer
+            store.drop(f"sens{i}")
+            bar.update(1)
+    store.drop("sens_grad")
+    bar.close()
+    return (out / counts.clamp(min=1)).float(), counts.float()

@@ -30,10 +30,12 @@ from r1v_quant.hub import model_argument
 )
 @click.option(
     "--modality-weights",
-    type=click.Choice(["auto", "uniform", "text"]),
+    type=click.Choice(["auto", "uniform", "text", "balanced"]),
     default="auto",
     show_default=True,
-    help="Per-token loss weights by modality (vision / prompt / response).",
+    help="Per-token loss weights by modality (vision / prompt / response). auto: each modality's measured "
+    "sensitivity of the answer loss, per layer (MBQ); text: vision tokens ignored; balanced: equal total "
+    "weight per modality.",
 )
 @click.option(
     "--method",

@@ -24,7 +24,17 @@ from tqdm import tqdm
 
 from r1v_quant import __version__
 from r1v_quant.atomic import atomic_dir, atomic_file, check_output_dir
-from r1v_quant.awq import LINEARS, AWQConfig, LayerResult, apply_quantized, quantize_layer
+from r1v_quant.awq import (
+    INPUT_OF,
+    LINEARS,
+    AWQConfig,
+    ChannelStats,
+    LayerResult,
+    apply_quantized,
+    language_vision_sensitivity,
+    quantize_layer,
+    screen_samples,
+)
 from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter
 from r1v_quant.errors import R1VError
 from r1v_quant.exporters.awq_format import pack_awq, unpack_awq
@@ -123,7 +133,9 @@ def quantize_awq(
         raise R1VError(f"unknown --propagate {opts.propagate!r}: expected fp or quant")
     device = resolve_device(opts.device)
     budget = parse_size(opts.max_memory)
-    cfg = AWQConfig(group_size=opts.group_size, modality_weights=opts.modality_weights)
+    # plain rounding searches nothing: its reported loss needs no measured sensitivities
+    mode = opts.modality_weights if opts.method == "awq" else "uniform"
+    cfg = AWQConfig(group_size=opts.group_size, modality_weights=mode)
     work = out.parent / f".{out.name}.awq-work"
     fp = opts.fingerprint(model_dir)
     state_path = work / "state.json"
@@ -154,12 +166,14 @@ def quantize_awq(
     layer_reports: list[dict] = []
     store = ActivationStore(budget, work / "spill")
     t_prep = time.perf_counter()
+    sens = _sensitivities(prep, store, progress) if cfg.modality_weights == "auto" else None
+    t_sens = time.perf_counter()
     bar = tqdm(
         total=ckpt.spec.llm.num_layers, desc=f"{opts.method} search", unit="layer", disable=not progress
     )
     try:
         for cap in iter_layers(
-            ckpt, prep.renderer, prep.cset, prep.rendered, store, collect_stats=False, progress=False
+            ckpt, prep.renderer, prep.cset, prep.rendered, store, collect_stats=True, progress=False
         ):
             path = work / "layers" / f"{cap.index:05d}.safetensors"
             if path.is_file():  # finished before an interruption
@@ -181,6 +195,8 @@ def quantize_awq(
                     lambda n, c=cos, s=sin: (c[:n], s[:n]),
                     cfg,
                     opts.method,
+                    channel_stats=channel_stats(cap.stats) if cap.stats else None,
+                    sensitivity=None if sens is None else sens[cap.index],
                 )
                 cap.layer = layer.cpu()
                 res.quantized = {k: _to_cpu(v) for k, v in res.quantized.items()}
@@ -207,11 +223,40 @@ def quantize_awq(
         opts,
         prep.set_hash,
         layer_reports,
-        timings={"prepare": t_prep - t0, "search": t_search - t_prep},
+        timings={"prepare": t_prep - t0, "sensitivity": t_sens - t_prep, "search": t_search - t_sens},
         progress=progress,
     )
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+SENSITIVITY_SAMPLES = 8  # calibration samples whose answer-loss gradients weigh the modalities
+
+
+def _sensitivities(prep, store, progress: bool) -> torch.Tensor:  # prep: calibration.Prepared
+    """(layers, 3) per-modality weights for --modality-weights auto, measured on a subset of the samples."""
+    from r1v_quant.calibration.capture import layer_sensitivity
+
+    masks = [r.modality for r in prep.rendered]
+    picked = screen_samples(masks, min(1.0, SENSITIVITY_SAMPLES / max(len(masks), 1)))
+    subset = [prep.rendered[j] for j in picked]
+    sens, counts = layer_sensitivity(prep.ckpt, prep.renderer, prep.cset, subset, store, progress=progress)
+    return language_vision_sensitivity(sens, counts)
+
+
+def channel_stats(stats) -> ChannelStats:  # stats: calibration LayerStats of the layer being searched
+    """The capture pass's mean |x| per modality of each linear input: the AWQ scale statistic, all tokens."""
+    from r1v_quant.calibration.render import MODALITIES
+    from r1v_quant.calibration.stats import GROUP_OF_LINEAR
+
+    t = stats.tensors()
+    out = {}
+    for key in sorted(set(INPUT_OF.values())):
+        p = f"layers.{stats.index}.{GROUP_OF_LINEAR[key]}"
+        mean = torch.stack([t[f"{p}.mean_abs.{m}"] for m in MODALITIES])
+        count = torch.cat([t[f"{p}.count.{m}"] for m in MODALITIES]).float()
+        out[key] = (mean, count)
+    return out
 
 
 def _to_cpu(qw):  # QuantizedWeight

@@ -52,14 +52,33 @@ def quantize_weight(
     g = w.detach().to(torch.float32).reshape(out, inp // group_size, group_size)
     wmax = g.amax(-1) if clip_max is None else clip_max.to(torch.float32)
     wmin = g.amin(-1) if clip_min is None else clip_min.to(torch.float32)
+    scales, q, zeros = _quantize_groups(g, wmax, wmin, bits)
+    return QuantizedWeight(
+        q.reshape(out, inp).to(torch.uint8), scales, zeros.to(torch.uint8), group_size, bits
+    )
+
+
+def _quantize_groups(
+    g: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp16 scales, integer codes as float, zeros as float) for groups g [..., gs] with ranges [...]."""
     qmax = 2**bits - 1
     scales = ((wmax - wmin).clamp(min=1e-5) / qmax).to(torch.float16)
     s = scales.to(torch.float32)
     zeros = torch.clamp(torch.round(-wmin / s), 0, qmax)
     q = torch.clamp(torch.round(g / s[..., None]) + zeros[..., None], 0, qmax)
-    return QuantizedWeight(
-        q.reshape(out, inp).to(torch.uint8), scales, zeros.to(torch.uint8), group_size, bits
-    )
+    return scales, q, zeros
+
+
+def fake_quantize_ranges(
+    g: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, bits: int = 4
+) -> torch.Tensor:
+    """Dequantized fp32 groups for many candidate ranges at once: g [..., groups, gs] is clamped to each
+    [wmin, wmax] ([..., groups], broadcast against g) and quantized exactly as `quantize_weight` with
+    clip_max/clip_min would (same operations, so the same bits); used by the vectorised clip search."""
+    g = torch.maximum(torch.minimum(g, wmax[..., None]), wmin[..., None]).to(torch.float32)
+    scales, q, zeros = _quantize_groups(g, wmax.to(torch.float32), wmin.to(torch.float32), bits)
+    return (q - zeros[..., None]) * scales.to(torch.float32)[..., None]
 
 
 def fake_quantize(

@@ -10,7 +10,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v_quant.awq import SCALE_GROUPS, _fold, token_weights
+from r1v_quant.awq import (
+    INPUT_OF,
+    RESPONSE,
+    SCALE_GROUPS,
+    VISION,
+    AttentionAtTokens,
+    AWQConfig,
+    LossTokens,
+    _fold,
+    _layer_error,
+    _quantize_clipped,
+    _search_clip,
+    language_vision_sensitivity,
+    layer_features,
+    loss_tokens,
+    quantize_layer,
+    rtn_layer,
+    screen_samples,
+    token_weights,
+)
 from r1v_quant.calibration.capture import load_decoder_layer
 from r1v_quant.checkpoint import INDEX_NAME, open_checkpoint
 from r1v_quant.errors import R1VError
@@ -38,12 +57,231 @@ def test_folding_keeps_16bit_output(tiny_dir: Path) -> None:
 
 def test_token_weights_modes() -> None:
     masks = [torch.tensor([0] * 6 + [1, 1, 2, 2])]
-    auto = token_weights(masks, "auto")[0]
-    assert torch.allclose(auto[:6].sum(), auto[6:8].sum()) and torch.allclose(auto[6:8].sum(), auto[8:].sum())
+    bal = token_weights(masks, "balanced")[0]
+    assert torch.allclose(bal[:6].sum(), bal[6:8].sum()) and torch.allclose(bal[6:8].sum(), bal[8:].sum())
     assert torch.all(token_weights(masks, "text")[0][:6] == 0)
     assert torch.all(token_weights(masks, "uniform")[0] == 1)
+    auto = token_weights(masks, "auto", torch.tensor([0.001, 0.5, 0.25]))[0]
+    assert torch.allclose(auto[6] / auto[8], torch.tensor(2.0)) and torch.allclose(
+        auto[0] / auto[8], torch.tensor(0.004)
+    )
+    assert torch.allclose(auto.mean(), torch.tensor(1.0))
+    assert torch.all(token_weights(masks, "auto", torch.zeros(3))[0] == 1)  # nothing measured: uniform
+    with pytest.raises(R1VError, match="sensitivities"):
+        token_weights(masks, "auto")
     with pytest.raises(R1VError):
         token_weights(masks, "bogus")
+
+
+def test_layer_sensitivity_matches_whole_model_autograd(tiny_dir: Path) -> None:
+    """The streamed backward pass gives the same gradients as autograd through the whole model."""
+    import torch.nn.functional as F
+
+    from r1v_quant.calibration import ActivationStore, prepare
+    from r1v_quant.calibration.capture import layer_sensitivity
+
+    prep = prepare(tiny_dir, "default", 4, 256, seed=0, progress=False)
+    rendered = [r for r in prep.rendered if r.image_keys][:1] + [
+        r for r in prep.rendered if not r.image_keys
+    ][:1]
+    got, n = layer_sensitivity(
+        prep.ckpt, prep.renderer, prep.cset, rendered, ActivationStore(), progress=False
+    )
+    model = R1VModel.from_checkpoint(tiny_dir).requires_grad_(False)
+    lm = model.language_model
+    want = torch.zeros(len(lm.model.layers), 3, dtype=torch.float64)
+    counts = torch.zeros(3, dtype=torch.float64)
+    for r in rendered:
+        emb = model.embed(r.input_ids[None], prep.renderer.pixels(r, prep.cset))
+        cos, sin = rope_cos_sin(lm.spec, torch.arange(emb.shape[1]))
+        with torch.enable_grad():
+            x, outs = emb.clone().requires_grad_(True), []
+            for layer in lm.model.layers:
+                x = layer(x, cos, sin)
+                x.retain_grad()
+                outs.append(x)
+            sel = torch.nonzero(r.modality[1:] == RESPONSE).flatten()
+            F.cross_entropy(
+                lm.logits(lm.model.norm(x))[0][sel], r.input_ids[sel + 1], reduction="sum"
+            ).backward()
+        m = r.modality.long()
+        for i, o in enumerate(outs):
+            want[i] += torch.bincount(m, weights=o.grad[0].double().pow(2).sum(-1), minlength=3)
+        counts += torch.bincount(m, minlength=3).double()
+    want = (want / counts.clamp(min=1)).float()
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-12)
+    assert torch.equal(n, counts.float())
+    assert (got[:, RESPONSE] > 0).all() and got[-1, VISION] == 0  # the last layer: only answers matter
+    pooled = language_vision_sensitivity(got, n)  # prompt and response pooled by their token counts
+    lang = (want[:, 1] * counts[1] + want[:, 2] * counts[2]) / (counts[1] + counts[2])
+    assert torch.allclose(pooled[:, 1], lang.float(), rtol=1e-3) and torch.equal(pooled[:, 1], pooled[:, 2])
+    assert torch.equal(pooled[:, VISION], got[:, VISION])
+
+
+def _masks() -> list[torch.Tensor]:
+    # three samples: image + prompt + response, text only, image + prompt + response
+    return [
+        torch.tensor([VISION] * 40 + [1] * 10 + [RESPONSE] * 50),
+        torch.tensor([1] * 12 + [RESPONSE] * 60),
+        torch.tensor([VISION] * 30 + [1] * 8 + [RESPONSE] * 30),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["balanced", "uniform", "text"])
+def test_loss_tokens_stratified_and_deterministic(mode: str) -> None:
+    masks = _masks()
+    ws = token_weights(masks, mode)
+    lt = loss_tokens(masks, ws, 60)
+    again = loss_tokens(masks, ws, 60)
+    assert all(torch.equal(a, b) for a, b in zip(lt.pos, again.pos, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(lt.weight, again.weight, strict=True))
+    n = sum(p.numel() for p in lt.pos)
+    assert 55 <= n <= 65
+    codes, w = torch.cat(masks), torch.cat(ws)
+    picked = torch.cat([m[p] for m, p in zip(masks, lt.pos, strict=True)])
+    for c in range(3):  # every stratum keeps its total weight, zero-weight tokens are never picked
+        mass = float(w[codes == c].sum())
+        assert float(lt.all_weights[picked == c].sum()) == pytest.approx(mass, rel=1e-5)
+        assert (picked == c).any() == (mass > 0)
+    for p, m in zip(lt.pos, masks, strict=True):
+        assert torch.equal(p, p.unique()) and (p.numel() == 0 or int(p.max()) < m.numel())
+    every = loss_tokens(masks, ws, 0)  # budget 0: every token, own weight
+    assert torch.equal(every.all_weights, w) and [p.numel() for p in every.pos] == [100, 72, 68]
+
+
+def test_screen_samples_cover_both_kinds() -> None:
+    masks = [torch.tensor([VISION, 1, 2]) if j % 4 else torch.tensor([1, 2]) for j in range(16)]
+    picked = screen_samples(masks, 0.125)
+    assert picked == screen_samples(masks, 0.125) and picked == sorted(set(picked))
+    assert any(j % 4 == 0 for j in picked) and any(j % 4 for j in picked) and len(picked) <= 4
+    lt = loss_tokens(masks, token_weights(masks, "uniform"), 0)
+    rows = lt.screen_rows(picked, 4)
+    sub = lt.subset(rows)
+    assert rows.numel() == 4 and sum(p.numel() for p in sub.pos) == 4
+    assert all(sub.pos[j].numel() == 0 for j in range(16) if j not in picked)
+
+
+def _layer_and_samples(tiny_dir: Path, lengths=(70, 45, 90)):
+    ckpt = open_checkpoint(tiny_dir)
+    layer = load_decoder_layer(ckpt, 1)
+    g = torch.Generator().manual_seed(0)
+    h = ckpt.spec.llm.hidden_size
+    inputs = [torch.randn(n, h, generator=g) * (1 + 4 * (torch.arange(h) % 37 == 0)) for n in lengths]
+    cos, sin = rope_cos_sin(ckpt.spec.llm, torch.arange(max(lengths)))
+    return layer, inputs, lambda n: (cos[:n], sin[:n])
+
+
+def test_attention_at_tokens_equals_full_forward(tiny_dir: Path) -> None:
+    layer, inputs, rope = _layer_and_samples(tiny_dir)
+    lt = LossTokens(
+        [torch.tensor([0, 5, 69]), torch.tensor([], dtype=torch.long), torch.tensor([3, 4, 50, 88])],
+        [torch.ones(3), torch.ones(0), torch.ones(4)],
+    )
+    got = AttentionAtTokens(layer, inputs, lt, rope)()
+    want = [
+        layer.self_attn(layer.input_layernorm(x)[None], *rope(x.shape[0]))[0][p]
+        for x, p in zip(inputs, lt.pos, strict=True)
+    ]
+    assert torch.allclose(got, torch.cat(want), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["balanced", "uniform", "text"])
+def test_subsample_loss_close_to_full_loss(tiny_dir: Path, mode: str) -> None:
+    layer, inputs, rope = _layer_and_samples(tiny_dir, (400, 300, 500, 350))
+    masks = [
+        torch.tensor([VISION] * (n // 3) + [1] * 20 + [RESPONSE] * (n - n // 3 - 20))
+        for n in (400, 300, 500, 350)
+    ]
+    targets = [layer(x[None], *rope(x.shape[0]))[0].detach() for x in inputs]
+    apply = AWQConfig()
+    q = rtn_layer(layer, apply)
+    with torch.no_grad():
+        for n, qw in q.items():
+            layer.get_submodule(n).weight.copy_(qw.dequantize())
+    ws = token_weights(masks, mode)
+    full = _layer_error(layer, inputs, targets, loss_tokens(masks, ws, 0), rope)
+    sub = _layer_error(layer, inputs, targets, loss_tokens(masks, ws, 600), rope)  # 600 of 1550 tokens
+    assert full > 0 and sub == pytest.approx(full, rel=0.1)
+
+
+def test_channel_stats_give_the_all_token_weighted_mean(tiny_dir: Path) -> None:
+    from r1v_quant.calibration.stats import LayerStats
+    from r1v_quant.exporters.awq_export import channel_stats
+
+    layer, inputs, rope = _layer_and_samples(tiny_dir, (100, 72, 68))  # the lengths of _masks()
+    masks = _masks()
+    stats, cur = LayerStats.for_layer(1, layer), [masks[0]]
+    with stats.hooks(layer, cur), torch.no_grad():
+        for x, m in zip(inputs, masks, strict=True):
+            cur[0] = m
+            layer(x[None], *rope(x.shape[0]))
+    ws = token_weights(masks, "balanced")
+    lt = loss_tokens(masks, ws, 64)
+    cfg = AWQConfig()
+    from_stats = layer_features(layer, inputs, masks, ws, lt, rope, cfg, channel_stats(stats)).mean_abs
+    own_pass = layer_features(layer, inputs, masks, ws, lt, rope, cfg).mean_abs
+    w = torch.cat(ws)
+    x1 = torch.cat([layer.input_layernorm(x) for x in inputs]).detach()
+    assert torch.allclose(own_pass["self_attn.q_proj"], (x1.abs() * w[:, None]).sum(0) / w.sum(), rtol=1e-5)
+    assert sorted(from_stats) == sorted(own_pass) == sorted(set(INPUT_OF.values()))
+    for k, v in own_pass.items():
+        assert torch.allclose(from_stats[k], v, rtol=1e-4, atol=1e-7), k
+
+
+def test_clip_search_vectorised_equals_token_loop() -> None:
+    g = torch.Generator().manual_seed(1)
+    cfg = AWQConfig(group_size=32, clip_grid=10, clip_elements=10 * 64 * 5)  # forces row chunks of 5
+    w = torch.randn(12, 64, generator=g) * torch.rand(12, 1, generator=g)
+    x = torch.randn(300, 64, generator=g) * (1 + 5 * (torch.arange(64) % 9 == 0))
+    wt = torch.rand(300, generator=g)
+    xg = x.reshape(300, 2, 32)
+    gram = torch.einsum("tgc,tgd->gcd", xg * wt[:, None, None], xg)
+    cmax, cmin = _search_clip(w, gram, cfg)
+    # reference: one candidate at a time, the error summed over tokens (the unvectorised algorithm)
+    wg = w.reshape(12, 2, 32)
+    ref = torch.einsum("tgc,ogc->tog", xg, wg)
+    best = torch.full((12, 2), float("inf"))
+    bmax, bmin = wg.amax(-1).clone(), wg.amin(-1).clone()
+    for i in range(cfg.clip_grid):
+        shrink = 1 - cfg.max_shrink * i / cfg.clip_grid
+        tmax, tmin = wg.amax(-1) * shrink, wg.amin(-1) * shrink
+        deq = _quantize_clipped(w, tmax, tmin, cfg).dequantize().reshape(12, 2, 32)
+        err = ((torch.einsum("tgc,ogc->tog", xg, deq) - ref).pow(2) * wt[:, None, None]).sum(0)
+        better = err < best
+        best, bmax, bmin = (
+            torch.where(better, err, best),
+            torch.where(better, tmax, bmax),
+            torch.where(better, tmin, bmin),
+        )
+    assert torch.equal(cmax, bmax) and torch.equal(cmin, bmin)
+    assert (cmax < wg.amax(-1)).any(), "some group should shrink its range"
+
+
+def test_fast_search_matches_full_search(tiny_dir: Path) -> None:
+    """The screened, subsampled search finds a layer as good as scoring every candidate on every token."""
+    import copy
+
+    from r1v_quant.calibration import ActivationStore, iter_layers, prepare
+
+    prep = prepare(tiny_dir, "default", 4, 320, seed=0, progress=False)
+    store = ActivationStore(None, None)
+    cap = next(iter(iter_layers(prep.ckpt, prep.renderer, prep.cset, prep.rendered, store, progress=False)))
+    inputs, targets = list(cap.inputs), list(cap.outputs)
+    rope = cap.rope
+    losses = {}
+    for name, cfg in {
+        "fast": AWQConfig(
+            loss_tokens=512, screen_tokens=128, screen_fraction=0.34, modality_weights="uniform"
+        ),
+        "full": AWQConfig(loss_tokens=0, screen_fraction=0, modality_weights="uniform"),
+    }.items():
+        layer = copy.deepcopy(cap.layer)
+        res = quantize_layer(0, layer, inputs, targets, cap.modality, rope, cfg)
+        ws = token_weights(cap.modality, cfg.modality_weights)
+        losses[name] = _layer_error(layer, inputs, targets, loss_tokens(cap.modality, ws, 0), rope)
+        assert res.report["loss"] < res.report["loss_rtn"]
+    store.close()
+    assert losses["fast"] <= losses["full"] * 1.05
 
 
 @pytest.fixture(scope="module")
