@@ -224,6 +224,11 @@ def run_torch(req: dict[str, Any]) -> dict[str, Any]:
 
     _, ids_list = sized_prompt(render, tok.encode, req["prompt_tokens"])
     warm_up_torch(spec, device, dtype)
+    if tiles:  # first use of the image libraries (decoders, resampling) is the runtime's, not the model's
+        preprocess_image(
+            req["image"], image_size=tiling["size"], min_num=tiling["min"], max_num=tiling["max"],
+            use_thumbnail=tiling["thumbnail"], dynamic=tiling["dynamic"],
+        )  # fmt: skip
     onnx = None
     if req.get("onnx_vision"):
         from r1v_quant.exporters.onnx_runner import OnnxVisionEncoder  # imported before the baseline

@@ -31,8 +31,10 @@ from r1v_quant.memory_model import (
 # (to 32 MiB) after the first frees, so on a small model freed activations stay in the heap and peak RSS
 # overstates live memory by up to ~35 %; at 38B every activation is above 32 MiB anyway. Fixing the
 # threshold makes the tiny replica's peak RSS mean what it means at full size. Set the variable
-# yourself to measure with another value.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# yourself to measure with another value. MKL's own allocator likewise keeps its GEMM packing buffers
+# (their size set by the CPU's blocking, not the model: 1-3 MB between two machines of the same test)
+# after each call; MKL_DISABLE_FAST_MM frees them, so the peak is the model's, not this CPU's cache.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
 SUMMARY_KEYS = (
     "load_s",
     "ttft_s",
