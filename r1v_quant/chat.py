@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from r1v_quant.errors import R1VError
+from r1v_quant.hub import model_option
 from r1v_quant.prompts import THINK_END
 
 Write = Callable[[str], None]
@@ -205,7 +206,7 @@ def interactive(
     "--gguf", type=click.Path(path_type=Path), help="Language-model GGUF, or a folder with it + mmproj."
 )
 @click.option("--mmproj", type=click.Path(path_type=Path), help="mmproj GGUF (vision tower + mlp1).")
-@click.option("--model", type=click.Path(path_type=Path), help="16-bit or AWQ checkpoint: torch backend.")
+@model_option(help="16-bit or AWQ checkpoint (folder, or Hugging Face repo id REPO[@REV]): torch backend.")
 @click.option("--vision-onnx", type=click.Path(path_type=Path), help="`r1v-quant onnx` export for images.")
 @click.option(
     "--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image(s), first turn."

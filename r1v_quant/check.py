@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from r1v_quant import __version__
+from r1v_quant.artifact import Artifact
 from r1v_quant.atomic import atomic_dir
 from r1v_quant.bench_sets import BenchSet
-from r1v_quant.eval_backends import Artifact
 from r1v_quant.eval_bench import bench_report, bench_runner
 from r1v_quant.eval_ppl import WindowSpec, build_windows, evaluate_models, ppl_report
 
@@ -320,14 +320,15 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 def card_rows(report: dict[str, Any]) -> dict[Path, list[dict[str, Any]]]:
     """The report's rows grouped by artifact folder, in the columns the model card shows."""
+    from r1v_quant.hub import hub_source
     from r1v_quant.model_card import CARD_NAME
 
     out: dict[Path, list[dict[str, Any]]] = {}
     for r in report["rows"]:
         path = Path(r["path"])
         folder = path if path.is_dir() else path.parent
-        if not (folder / CARD_NAME).is_file():
-            continue
+        if not (folder / CARD_NAME).is_file() or hub_source(folder) is not None:
+            continue  # no card, or a Hugging Face cache snapshot (never written into)
         out.setdefault(folder, []).append(
             {
                 "artifact": r["artifact"],

@@ -235,9 +235,10 @@ class Demo:
         return {"llm": llm, "mmproj": export_mmproj_gguf(self.model, self.mmproj, MMPROJ_TYPE)}
 
     def check(self) -> dict[str, Any]:
+        from r1v_quant.artifact import resolve_artifact, resolve_reference
         from r1v_quant.bench_sets import load_bench
         from r1v_quant.check import Gates, run_check, write_report
-        from r1v_quant.eval_backends import check_compatible, resolve_artifact, resolve_reference
+        from r1v_quant.eval_backends import check_compatible
         from r1v_quant.eval_ppl import WindowSpec
 
         ref = resolve_reference(self.model)

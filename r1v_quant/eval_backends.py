@@ -1,10 +1,10 @@
 """The models `eval` and `check` compare, behind one small interface, and the same-architecture check.
 
-An artifact is a checkpoint folder (16-bit or AWQ: the torch reference forward, AWQ dequantized by
-r1v-quant's loader) or a GGUF (a `.gguf` file, with a sibling `mmproj*.gguf` picked up when there is one,
-or a folder holding one language-model GGUF and at most one mmproj: llama.cpp through
-`r1v_quant.llamacpp_runtime`). Both backends score the same token ids (the reference's tokenization, checked
-equal) and generate from each artifact's own template and stop tokens.
+An artifact (`r1v_quant.artifact.resolve_artifact`) is a checkpoint folder (16-bit or AWQ: the torch
+reference forward, AWQ dequantized by r1v-quant's loader) or a GGUF (a `.gguf` file, with a sibling
+`mmproj*.gguf` picked up when there is one, or a folder holding one language-model GGUF and at most one
+mmproj: llama.cpp through `r1v_quant.llamacpp_runtime`). Both backends score the same token ids (the
+reference's tokenization, checked equal) and generate from each artifact's own template and stop tokens.
 
 Only one model is open at a time: callers open, use and close each backend in turn.
 """
@@ -12,13 +12,15 @@ Only one model is open at a time: callers open, use and close each backend in tu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+# resolve_artifact / resolve_reference are eval's entry points; they live with the one Artifact type
+from r1v_quant.artifact import Artifact, resolve_artifact, resolve_reference  # noqa: F401
 from r1v_quant.errors import R1VError
 from r1v_quant.evalset import Window
 from r1v_quant.preprocess import ImageSource
@@ -41,35 +43,6 @@ PROBE_TEXTS = (
 
 
 @dataclass
-class Artifact:
-    """What is known about a model before loading its weights."""
-
-    name: str
-    path: Path
-    backend: str  # "torch" | "llama.cpp"
-    size_bytes: int
-    flavor: str
-    vocab: int
-    hidden: int
-    layers: int
-    quant: str  # "bfloat16", "AWQ int4 g128", "Q4_K_M", ...
-    gguf: Path | None = None
-    mmproj: Path | None = None
-    gguf_tokens: list[str] | None = field(default=None, repr=False)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "artifact": self.name,
-            "path": str(self.path),
-            "backend": self.backend,
-            "quant": self.quant,
-            "size_bytes": self.size_bytes,
-            "flavor": self.flavor,
-            "mmproj": str(self.mmproj) if self.mmproj else None,
-        }
-
-
-@dataclass
 class Generation:
     text: str
     n_tokens: int
@@ -88,123 +61,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-# -- finding artifacts -------------------------------------------------------------------------------------
-
-
-def resolve_artifact(path: Path | str, name: str | None = None) -> Artifact:
-    """Classify `path` and read its dimensions from config.json or the GGUF header (no weights loaded)."""
-    path = Path(path)
-    if not path.exists():
-        raise R1VError(f"{path}: no such model (a checkpoint folder, a .gguf file or a folder with one)")
-    if path.is_dir() and (path / "config.json").is_file():
-        return _checkpoint_artifact(path, name)
-    if path.suffix == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
-        return _gguf_artifact(path, name)
-    raise R1VError(f"{path}: neither a checkpoint folder (config.json) nor a GGUF")
-
-
-def resolve_reference(path: Path | str, name: str | None = None) -> Artifact:
-    """The reference: a checkpoint folder (its tokenizer and preprocessing define the scored windows)."""
-    art = resolve_artifact(path, name)
-    if art.backend != "torch":
-        raise R1VError(f"{path}: the reference must be a checkpoint folder (16-bit or AWQ), not a GGUF")
-    return art
-
-
-def _checkpoint_artifact(path: Path, name: str | None) -> Artifact:
-    from r1v_quant.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    spec = ckpt.spec
-    q = spec.quantization
-    quant = f"AWQ int{q.get('bits', 4)} g{q.get('group_size', 128)}" if q else spec.torch_dtype
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return Artifact(
-        name=name or path.resolve().name,
-        path=path,
-        backend="torch",
-        size_bytes=size,
-        flavor=spec.flavor,
-        vocab=spec.llm.vocab_size,
-        hidden=spec.llm.hidden_size,
-        layers=spec.llm.num_layers,
-        quant=quant,
-    )
-
-
-def _gguf_meta(path: Path) -> dict[str, Any]:
-    try:
-        import gguf
-    except ImportError as e:
-        raise R1VError(f"the gguf package is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise R1VError(f"{path}: not a readable GGUF file ({e})") from None
-
-    def val(key: str) -> Any:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    arch = val("general.architecture")
-    meta = {
-        "arch": arch,
-        "layers": val(f"{arch}.block_count"),
-        "hidden": val(f"{arch}.embedding_length"),
-        "tokens": val("tokenizer.ggml.tokens"),
-        "flavor": val("r1v_quant.flavor"),
-        "file_type": val("general.file_type"),
-    }
-    return meta
-
-
-def _sibling_mmproj(llm: Path) -> Path | None:
-    found = sorted(p for p in llm.parent.glob("*.gguf") if "mmproj" in p.name and p != llm)
-    if len(found) > 1:  # several: the one named after this model (mmproj-<name>-<TYPE>.gguf)
-        base = llm.stem.rsplit("-", 1)[0]
-        found = [p for p in found if base in p.name]
-    return found[0] if len(found) == 1 else None
-
-
-def _gguf_artifact(path: Path, name: str | None) -> Artifact:
-    from r1v_quant.llamacpp_runtime import find_gguf_pair
-
-    if path.is_file():
-        if "mmproj" in path.name:
-            raise R1VError(
-                f"{path}: an mmproj GGUF; pass the language-model GGUF (the mmproj is found next to it)"
-            )
-        llm, mmproj = path, _sibling_mmproj(path)
-    else:
-        llm, mmproj = find_gguf_pair(path)
-    meta = _gguf_meta(llm)
-    if meta["arch"] != "qwen2":
-        raise R1VError(f"{llm}: GGUF architecture {meta['arch']!r}, expected a qwen2 language model")
-    if not meta["flavor"]:
-        raise R1VError(f"{llm}: no r1v_quant.flavor key (not written by `r1v-quant gguf`)")
-    try:
-        import gguf
-
-        quant = gguf.LlamaFileType(int(meta["file_type"])).name.removeprefix("MOSTLY_")
-    except (TypeError, ValueError):
-        quant = "unknown"
-    size = llm.stat().st_size + (mmproj.stat().st_size if mmproj else 0)
-    return Artifact(
-        name=name or llm.stem,
-        path=path,
-        backend="llama.cpp",
-        size_bytes=size,
-        flavor=str(meta["flavor"]),
-        vocab=len(meta["tokens"] or []),
-        hidden=int(meta["hidden"]),
-        layers=int(meta["layers"]),
-        quant=quant,
-        gguf=llm,
-        mmproj=mmproj,
-        gguf_tokens=list(meta["tokens"] or []),
-    )
-
-
 # -- same architecture, same tokenizer --------------------------------------------------------------------
 
 
@@ -218,7 +74,7 @@ def check_compatible(ref: Artifact, cand: Artifact, *, needs_images: bool) -> No
     ):
         if a != b:
             raise R1VError(f"{cand.path}: {what} {b} differs from the reference's {a}: not the same model")
-    if needs_images and cand.backend == "llama.cpp" and cand.mmproj is None:
+    if needs_images and cand.backend == "llama.cpp" and cand.mmproj_gguf is None:
         raise R1VError(f"{cand.path}: no mmproj GGUF next to it; image windows and image items need one")
     ref_tok = _tokenizer(ref)
     if cand.backend == "torch":
@@ -298,7 +154,11 @@ class LlamaCppBackend:
 
         self.artifact = artifact
         self.rt = LlamaCppRuntime(
-            artifact.gguf, artifact.mmproj, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers
+            artifact.llm_gguf,
+            artifact.mmproj_gguf,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
         )
 
     def tokenize(self, text: str) -> list[int]:

@@ -24,12 +24,17 @@ def _models(f: Callable[..., Any]) -> Callable[..., Any]:
         "cands",
         multiple=True,
         required=True,
-        type=click.Path(path_type=Path),
-        help="Candidate: checkpoint folder (16-bit / AWQ), .gguf file (sibling mmproj*.gguf used), or a "
-        "folder with one GGUF (+ mmproj). Repeatable.",
+        metavar="PATH|REPO[@REV]",
+        help="Candidate: checkpoint folder (16-bit / AWQ) or its Hugging Face repo id (REPO@REV pins a "
+        "branch, tag or commit), a local .gguf file (sibling mmproj*.gguf used), or a local folder with "
+        "one GGUF (+ mmproj). Repeatable.",
     )(f)
     f = click.option(
-        "--ref", "ref", required=True, type=click.Path(path_type=Path), help="Reference checkpoint folder."
+        "--ref",
+        "ref",
+        required=True,
+        metavar="PATH|REPO[@REV]",
+        help="Reference: checkpoint folder or Hugging Face repo id (REPO@REV for a revision).",
     )(f)
     return f
 
@@ -102,11 +107,16 @@ def _bench_opts(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _resolve(ref: Path, cands: tuple[Path, ...], needs_images: bool) -> tuple[Any, list[Any]]:
-    from r1v_quant.eval_backends import check_compatible, resolve_artifact, resolve_reference
+def _resolve(
+    ref: str, cands: tuple[str, ...], needs_images: bool, *, progress: bool = True
+) -> tuple[Any, list[Any]]:
+    """Local paths or Hub repo ids (downloaded into the Hugging Face cache first), then the artifacts."""
+    from r1v_quant.artifact import resolve_artifact, resolve_reference
+    from r1v_quant.eval_backends import check_compatible
+    from r1v_quant.hub import resolve_model
 
-    ref_art = resolve_reference(ref)
-    arts = [resolve_artifact(c) for c in cands]
+    ref_art = resolve_reference(resolve_model(ref, progress=progress))
+    arts = [resolve_artifact(resolve_model(c, progress=progress)) for c in cands]
     seen: dict[str, int] = {ref_art.name: 1}
     for a in arts:  # two artifacts with one name (two folders called "model"): number the later ones
         seen[a.name] = seen.get(a.name, 0) + 1
@@ -159,8 +169,8 @@ def eval_group() -> None:
 @_runtime
 @click.option("--json", "as_json", is_flag=True)
 def ppl_command(
-    ref: Path,
-    cands: tuple[Path, ...],
+    ref: str,
+    cands: tuple[str, ...],
     set_name: str | None,
     text_file: Path | None,
     ctx: int,
@@ -179,7 +189,7 @@ def ppl_command(
     if set_name is None and text_file is None:
         raise R1VError("pass --text FILE and/or --set heldout")
     ws = WindowSpec(set_name, text_file, ctx, stride, n_text, n_image, chunks)
-    ref_art, arts = _resolve(ref, cands, needs_images=set_name is not None)
+    ref_art, arts = _resolve(ref, cands, needs_images=set_name is not None, progress=not as_json)
     windows = build_windows(ref_art, ws)
     runs = evaluate_models(
         ref_art,
@@ -220,8 +230,8 @@ def ppl_command(
 @_runtime
 @click.option("--json", "as_json", is_flag=True)
 def bench_command(
-    ref: Path,
-    cands: tuple[Path, ...],
+    ref: str,
+    cands: tuple[str, ...],
     benches: tuple[str, ...],
     limit: int,
     max_tokens: int,
@@ -242,7 +252,7 @@ def bench_command(
         raise R1VError("--max-tokens must be at least 1")
     bench = _load_benches(benches, limit, seed, skip_bad)
     needs_images = any(it.images for it in bench.items)
-    ref_art, arts = _resolve(ref, cands, needs_images=needs_images)
+    ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
     runs = evaluate_models(
         ref_art,
         arts,
@@ -307,8 +317,8 @@ def bench_command(
 @_runtime
 @click.option("--json", "as_json", is_flag=True)
 def check_command(
-    ref: Path,
-    cands: tuple[Path, ...],
+    ref: str,
+    cands: tuple[str, ...],
     out: Path,
     set_name: str,
     text_file: Path | None,
@@ -345,7 +355,7 @@ def check_command(
         raise R1VError("nothing to score: --set none needs --text FILE")
     bench = None if benches == ("none",) else _load_benches(benches, limit, seed, skip_bad)
     needs_images = set_opt is not None or bool(bench and any(it.images for it in bench.items))
-    ref_art, arts = _resolve(ref, cands, needs_images=needs_images)
+    ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
     ws = WindowSpec(set_opt, text_file, ctx, stride, n_text, n_image, chunks)
     gates = Gates(max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_drop=max_drop)
     command = (

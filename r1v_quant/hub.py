@@ -9,8 +9,11 @@ into AWQ outputs so vLLM / transformers users get a complete checkpoint. Pickle 
 ...) are never downloaded. Downloads resume after an interruption (huggingface_hub keeps `.incomplete`
 files) and show huggingface_hub's progress bars.
 
-Commands take MODEL through `model_argument()` (or a `--model` option through `model_option()`), which
-adds `--revision` and resolves before the command body runs.
+A revision (branch, tag or commit) is written `org/name@REV` wherever a repo id is accepted, so commands
+comparing several models (`eval`, `check`: `--ref org/a@v1 --cand org/b@abc123`) pin each one; commands
+taking one model also have `--revision`. Commands take MODEL through `model_argument()` (or a
+`--model`-style option through `model_option()`), which resolves before the command body runs; commands
+with several model options call `resolve_model` themselves.
 """
 
 from __future__ import annotations
@@ -58,7 +61,19 @@ class HubSource:
 
 
 def is_repo_id(model: str) -> bool:
-    return bool(REPO_ID.match(model)) and ".." not in model and "--" not in model
+    """`org/name`; a name ending in `.gguf` is a (missing) local file, never a repo."""
+    return (
+        bool(REPO_ID.match(model))
+        and ".." not in model
+        and "--" not in model
+        and not model.lower().endswith(".gguf")
+    )
+
+
+def split_revision(model: str) -> tuple[str, str | None]:
+    """`org/name@REV` -> ("org/name", "REV"); anything else -> (model, None). Repo ids never contain `@`."""
+    repo, at, rev = model.partition("@")
+    return (repo, rev) if at and rev and is_repo_id(repo) else (model, None)
 
 
 def hub_cache_dir() -> Path:
@@ -101,11 +116,12 @@ def model_name(path: Path | str) -> str:
 def resolve_model(
     model: str | Path, revision: str | None = None, *, weights: bool = True, progress: bool = True
 ) -> Path:
-    """A local directory for MODEL: the path itself if it exists, else a Hub repo id resolved in the cache.
+    """A local directory for MODEL: the path itself if it exists, else a Hub repo id (`org/name`, or
+    `org/name@REV`) resolved in the cache.
 
-    `weights=False` fetches only config, index, tokenizer and card files (enough for `inspect`).
+    `weights=False` fetches only config, index, tokenizer and card files (enough for `inspect`, `plan`).
     Anything else (a non-existent path that is not shaped like `org/name`) is returned unchanged, so the
-    command reports it as a missing directory.
+    command reports it as a missing path.
     """
     text = str(model)
     if Path(text).expanduser().exists():
@@ -114,11 +130,22 @@ def resolve_model(
                 f"--revision {revision}: MODEL {text} is a local path; --revision is for Hub repo ids"
             )
         return Path(text).expanduser()
-    if not is_repo_id(text):
+    repo, at_rev = split_revision(text)
+    if at_rev is not None:
+        if revision is not None and revision != at_rev:
+            raise R1VError(f"{text}: two revisions (@{at_rev} and --revision {revision}); give one")
+        revision = at_rev
+    if not is_repo_id(repo):
         return Path(text)
-    path = _download(text, revision, weights=weights, progress=progress)
+    path = _download(repo, revision, weights=weights, progress=progress)
+    rev = f" (revision {revision})" if revision else ""
+    if not (path / "config.json").is_file():
+        raise R1VError(
+            f"{repo}{rev}: no config.json in the repository: not a checkpoint (a GGUF is passed as a local "
+            "file: download it, e.g. `hf download REPO FILE.gguf`, and give its path)"
+        )
     if weights:
-        _check_weights(path, text, revision)
+        _check_weights(path, repo, revision)
     return path
 
 
@@ -217,7 +244,7 @@ def _silent_tqdm() -> type:
     return Silent
 
 
-REVISION_HELP = "Hub branch, tag or commit (when MODEL is a Hugging Face repo id)."
+REVISION_HELP = "Hub branch, tag or commit (when MODEL is a Hugging Face repo id; or write REPO@REV)."
 
 
 def _resolving(fn: F, param: str, weights: bool) -> F:
@@ -236,16 +263,16 @@ def _resolving(fn: F, param: str, weights: bool) -> F:
     return click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)(wrapper)  # type: ignore[return-value]
 
 
-def model_argument(*, weights: bool = True) -> Callable[[F], F]:
-    """Click decorator: argument MODEL (local directory or Hub repo id) plus `--revision`.
+def model_argument(name: str = "model", *, weights: bool = True) -> Callable[[F], F]:
+    """Click decorator: argument MODEL (local path or Hub repo id, `REPO@REV` allowed) plus `--revision`.
 
-    Use it in place of `@click.argument("model", ...)`; the callback's `model` parameter receives the
-    resolved local directory and `revision` is consumed here. `weights=False` for commands that need only
+    Use it in place of `@click.argument("model", ...)`; the callback's `name` parameter receives the
+    resolved local path and `revision` is consumed here. `weights=False` for commands that need only
     config, index and tokenizer (inspect). A `--json` run (parameter `as_json`) downloads without bars.
     """
 
     def decorate(fn: F) -> F:
-        return click.argument("model", metavar="MODEL")(_resolving(fn, "model", weights))  # type: ignore[return-value]
+        return click.argument(name, metavar=name.upper())(_resolving(fn, name, weights))  # type: ignore[return-value]
 
     return decorate
 

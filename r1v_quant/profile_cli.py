@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 from r1v_quant.errors import R1VError
+from r1v_quant.hub import model_argument, model_option
 
 
 @click.command("profile")
-@click.argument("path", type=click.Path(path_type=Path))
+@model_argument("path")
 @click.option(
     "--backend",
     type=click.Choice(["torch", "llama.cpp"]),
@@ -63,7 +64,8 @@ def profile_command(
     mmproj: Path | None, no_roofline: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Measure load time, time to first token, prefill/decode speed, vision ms per tile and peak memory
-    of the model at PATH (checkpoint, AWQ checkpoint, GGUF file or GGUF directory)."""
+    of the model at PATH (checkpoint, AWQ checkpoint, GGUF file or GGUF directory). A checkpoint may be a
+    Hugging Face repo id (REPO, REPO@REV or --revision); a GGUF is a local file or folder."""
     from r1v_quant.profiler import format_profile, profile
 
     if image is not None and no_image:
@@ -77,11 +79,10 @@ def profile_command(
 
 
 @click.command("plan")
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Checkpoint, AWQ checkpoint, GGUF file or GGUF directory.",
+@model_option(
+    weights=False,
+    help="Checkpoint or AWQ checkpoint (folder or Hugging Face repo id: only its config and index are "
+    "fetched), GGUF file or GGUF directory.",
 )
 @click.option(
     "--preset",

@@ -23,6 +23,7 @@ from r1v_quant.hub import (
     is_repo_id,
     model_name,
     resolve_model,
+    split_revision,
 )
 
 REPO = "Skyworkish/Tiny-R1V"
@@ -79,7 +80,7 @@ def _snap(home: Path, sha: str) -> Path:
 
 def test_repo_id_shapes() -> None:
     assert is_repo_id("Skywork/Skywork-R1V-38B") and is_repo_id("org/name.v2_x")
-    for not_id in ("./a/b", "../a/b", "/abs/path", "a/b/c", "a", "a/../b", "~/x", "a--b/c", "a/"):
+    for not_id in ("./a/b", "../a/b", "/abs/path", "a/b/c", "a", "a/../b", "~/x", "a--b/c", "a/", "a/m.gguf"):
         assert not is_repo_id(not_id), not_id
 
 
@@ -167,7 +168,8 @@ def test_only_data_files_are_requested(monkeypatch: pytest.MonkeyPatch, tmp_path
         kw["kept"] = kept
         snap = tmp_path / "snap"
         snap.mkdir(exist_ok=True)
-        (snap / "model.safetensors").touch()  # so the weights check passes
+        (snap / "config.json").touch()  # so the checkpoint checks pass
+        (snap / "model.safetensors").touch()
         return str(snap)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
@@ -284,3 +286,173 @@ def test_decorators_hand_commands_a_local_path(offline_home: Path) -> None:
     assert [hub_source(p).commit if p else None for p in seen] == [SHA_V1, SHA_MAIN, None]  # type: ignore[union-attr]
     r = runner.invoke(group, ["opt", "--revision", "v1"])
     assert r.exit_code == 2 and "no model repo id given" in r.output
+
+
+# -- repo ids in eval / check / plan / profile / chat -------------------------------------------------------
+NOISY = "Skyworkish/Tiny-R1V-Noisy"
+
+
+@pytest.fixture(scope="module")
+def noisy_repo(hf_home: Path, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second cached repo: the replica with noise on lm_head (a stand-in for a quantized release)."""
+    from eval_helpers import perturbed_copy
+
+    src = perturbed_copy(tiny_dir, tmp_path_factory.mktemp("noisy") / "noisy", noise=0.05)
+    add_snapshot(hf_home / "hub", NOISY, src, "d" * 40, refs=("main",))
+    return NOISY
+
+
+def test_revision_suffix_picks_the_snapshot(offline_home: Path, tmp_path: Path, monkeypatch) -> None:
+    assert split_revision(f"{REPO}@v1") == (REPO, "v1")
+    assert split_revision(f"{REPO}@refs/pr/1") == (REPO, "refs/pr/1")
+    for plain in (REPO, f"{REPO}@", "./a/b@v1", "a/b/c@v1", "x.gguf@v1"):
+        assert split_revision(plain) == (plain, None)
+    assert hub_source(resolve_model(f"{REPO}@v1")).commit == SHA_V1
+    assert hub_source(resolve_model(f"{REPO}@{SHA_MAIN}")).commit == SHA_MAIN
+    assert hub_source(resolve_model(f"{REPO}@v1", "v1")).commit == SHA_V1  # the same one twice is fine
+    with pytest.raises(R1VError, match="two revisions"):
+        resolve_model(f"{REPO}@v1", "main")
+    with pytest.raises(R1VError, match=r"revision nope\).*HF_HUB_OFFLINE"):
+        resolve_model(f"{REPO}@nope")
+    # a local folder whose name contains @ is a folder
+    (tmp_path / "Skyworkish").mkdir()
+    os.symlink(_snap(offline_home, SHA_MAIN), tmp_path / f"{REPO}@v1")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model(f"{REPO}@v1") == Path(f"{REPO}@v1")
+
+
+def test_repo_without_config_is_not_a_checkpoint(offline_home: Path, tmp_path: Path) -> None:
+    """A GGUF-only repository: a clear error pointing at local GGUF files, not a missing-weights one."""
+    src = tmp_path / "gguf-repo"
+    src.mkdir()
+    (src / "README.md").write_text(CARD)
+    add_snapshot(offline_home / "hub", "Skyworkish/Tiny-R1V-GGUF", src, "e" * 40, refs=("main",))
+    with pytest.raises(R1VError, match="no config.json in the repository.*local file"):
+        resolve_model("Skyworkish/Tiny-R1V-GGUF")
+
+
+def _ppl_args(ref: str, *cands: str) -> list[str]:
+    out = ["eval", "ppl", "--ref", ref, "--set", "heldout", "--n-text", "1", "--n-image", "1", "--json"]
+    for c in cands:
+        out += ["--cand", c]
+    return out
+
+
+def test_eval_ppl_takes_repo_ids(offline_home: Path, noisy_repo: str, tiny_dir: Path) -> None:
+    """--ref REPO --cand REPO2 --cand REPO@v1: each resolved from the cache, measured on the replica."""
+    from click.testing import CliRunner
+
+    from r1v_quant.cli import main
+
+    res = CliRunner().invoke(main, _ppl_args(REPO, noisy_repo, f"{REPO}@v1", str(tiny_dir)))
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    ref, (noisy, same, local) = rep["reference"], rep["candidates"]
+    assert Path(ref["path"]).resolve() == _snap(offline_home, SHA_MAIN).resolve()
+    assert hub_source(noisy["path"]).repo_id == NOISY and hub_source(same["path"]).commit == SHA_V1
+    names = (ref["artifact"], noisy["artifact"], same["artifact"])
+    assert names == ("Tiny-R1V", "Tiny-R1V-Noisy", "Tiny-R1V-2")  # snapshot dirs named after the repo
+    assert noisy["kinds"]["all"]["kld_mean"] > 1e-4  # the noisy repo's weights were really used
+    for c in (same, local):  # the same weights through a revision and through a local path
+        assert c["kinds"]["all"]["kld_max"] < 1e-9
+        assert c["kinds"]["all"]["tokens"] == noisy["kinds"]["all"]["tokens"] > 0
+
+
+def test_eval_and_check_miss_is_one_line_exit_2(hf_home: Path, offline_home: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from r1v_quant.cli import main
+
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
+    real = _cli(*_ppl_args(REPO, "Skyworkish/Not-Cached"), env=env)  # the installed CLI, in a process
+    assert real.returncode == 2 and "Traceback" not in real.stderr
+    assert real.stderr.strip().splitlines() == [
+        f"error: Skyworkish/Not-Cached: not a local directory and not in the Hugging Face cache at "
+        f"{hf_home / 'hub'}, and downloads are off (HF_HUB_OFFLINE is set). Run once with network access "
+        "(unset HF_HUB_OFFLINE) or pass a local directory"
+    ]
+    out = tmp_path / "rep"
+    runs = {
+        "bad revision": (_ppl_args(f"{REPO}@nope", REPO), f"{REPO} (revision nope): not a local directory"),
+        "check": (
+            ["check", "--ref", "Skyworkish/Not-Cached", "--cand", REPO, "--out", str(out)],
+            "Skyworkish/Not-Cached: not a local directory and not in the Hugging Face cache",
+        ),
+        "missing gguf": (_ppl_args(REPO, str(tmp_path / "m.gguf")), "m.gguf: no such model"),  # never a repo
+    }
+    for what, (args, want) in runs.items():
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (what, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (what, lines)
+    assert not out.exists()
+
+
+def test_plan_takes_a_repo_id_with_metadata_only(offline_home: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """`plan --model REPO` needs config + index only: it works on a snapshot without shards, offline."""
+    from click.testing import CliRunner
+
+    from r1v_quant.cli import main
+
+    src = tmp_path / "meta"
+    src.mkdir()
+    for f in tiny_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, src / f.name)
+    add_snapshot(offline_home / "hub", "Skyworkish/Plan-Meta", src, "f" * 40, refs=("main",))
+    plans = {}
+    for label, args in {
+        "local": ["--model", str(tiny_dir)],
+        "repo": ["--model", REPO, "--revision", "v1"],
+        "meta": ["--model", "Skyworkish/Plan-Meta@main"],
+    }.items():
+        res = CliRunner().invoke(main, ["plan", *args, "--device", "cpu:8GB", "--ctx", "512", "--json"])
+        assert res.exit_code == 0, (label, res.output)
+        plans[label] = json.loads(res.output)
+    assert hub_source(plans["repo"]["model"]["path"]).commit == SHA_V1
+    assert hub_source(plans["meta"]["model"]["path"]).repo_id == "Skyworkish/Plan-Meta"
+    assert plans["repo"]["devices"] == plans["local"]["devices"]  # the same model, the same plan
+    local, repo, meta = (p["model"] for p in plans.values())
+    assert {**repo, "path": None} == {**local, "path": None}
+    assert meta["geometry"] == local["geometry"] and meta["llm_format"] == local["llm_format"]
+    # without shards, the bytes come from the shapes at the config's 16-bit type: within headers of the files
+    assert meta["stored"].keys() == local["stored"].keys()
+    for comp, n in local["stored"].items():
+        assert meta["stored"][comp] == pytest.approx(n, rel=0.01), comp
+    bad = CliRunner().invoke(main, ["plan", "--model", "Skyworkish/Not-Cached", "--device", "cpu:8GB"])
+    assert bad.exit_code == 2 and "not in the Hugging Face cache" in bad.output
+
+
+def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring only (both commands run models for minutes): they receive the snapshot directory."""
+    from click.testing import CliRunner
+
+    import r1v_quant.chat_backends
+    import r1v_quant.profiler
+    from r1v_quant.cli import main
+
+    seen: list[Path] = []
+
+    def stop(path: Path) -> None:
+        seen.append(path)
+        raise R1VError("stopped here")
+
+    monkeypatch.setattr(r1v_quant.profiler, "profile", lambda path, **kw: stop(path))
+    monkeypatch.setattr(r1v_quant.chat_backends, "open_backend", lambda **kw: stop(kw["model"]))
+    runner = CliRunner()
+    for args in (["profile", f"{REPO}@v1"], ["chat", "--model", REPO, "--revision", "v1", "-p", "hi"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2 and "stopped here" in res.output, res.output
+    assert [hub_source(p).commit for p in seen] == [SHA_V1, SHA_V1]
+
+
+def test_update_cards_never_writes_into_the_hub_cache(offline_home: Path, tmp_path: Path) -> None:
+    from r1v_quant.check import card_rows
+
+    snap = resolve_model(REPO)
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "README.md").write_text(CARD)
+    row = {"size_bytes": 1, "ppl_ratio": 1.0, "kld_mean": 0.0, "top1_pct": 100.0, "bench_delta": None}
+    rows = [{**row, "artifact": "hub", "path": str(snap)}, {**row, "artifact": "local", "path": str(local)}]
+    assert list(card_rows({"rows": rows})) == [local]
