@@ -121,15 +121,6 @@ class Artifact:
     def backend(self) -> str:
         return "llama.cpp" if self.kind == "gguf" else "torch"
 
-    # the eval backends' names for the two GGUF files
-    @property
-    def gguf(self) -> Path | None:
-        return self.llm_gguf
-
-    @property
-    def mmproj(self) -> Path | None:
-        return self.mmproj_gguf
-
     def describe(self) -> dict[str, Any]:
         return {
             "artifact": self.name,

@@ -19,8 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-# resolve_artifact / resolve_reference are eval's entry points; they live with the one Artifact type
-from r1v_quant.artifact import Artifact, resolve_artifact, resolve_reference  # noqa: F401
+from r1v_quant.artifact import Artifact
 from r1v_quant.errors import R1VError
 from r1v_quant.evalset import Window
 from r1v_quant.preprocess import ImageSource

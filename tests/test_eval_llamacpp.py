@@ -11,14 +11,13 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
+from r1v_quant.artifact import resolve_artifact, resolve_reference  # noqa: E402
 from r1v_quant.bench_sets import load_bench  # noqa: E402
 from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.eval_backends import (  # noqa: E402
     check_compatible,
     check_runtime_tokenizer,
     open_backend,
-    resolve_artifact,
-    resolve_reference,
 )
 from r1v_quant.eval_bench import bench_pass  # noqa: E402
 from r1v_quant.eval_ppl import WindowSpec, build_windows, evaluate_models  # noqa: E402
@@ -40,7 +39,11 @@ def f16_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_same_perplexity_as_torch_for_f16_weights(tiny_dir: Path, f16_dir: Path) -> None:
     ref = resolve_reference(tiny_dir)
     cand = resolve_artifact(f16_dir)
-    assert (cand.backend, cand.quant, cand.mmproj) == ("llama.cpp", "F16", f16_dir / "mmproj-tiny-F16.gguf")
+    assert (cand.backend, cand.quant, cand.mmproj_gguf) == (
+        "llama.cpp",
+        "F16",
+        f16_dir / "mmproj-tiny-F16.gguf",
+    )
     check_compatible(ref, cand, needs_images=True)
     windows = build_windows(ref, WindowSpec(n_text=3, n_image=1))
     ref_run, cand_run = evaluate_models(ref, [cand], windows, n_threads=2)
@@ -75,14 +78,14 @@ def test_gguf_file_with_sibling_mmproj_and_missing_mmproj(
     tiny_dir: Path, f16_dir: Path, tmp_path: Path
 ) -> None:
     art = resolve_artifact(f16_dir / "tiny-F16.gguf")
-    assert art.mmproj == f16_dir / "mmproj-tiny-F16.gguf"
+    assert art.mmproj_gguf == f16_dir / "mmproj-tiny-F16.gguf"
     assert art.size_bytes == sum(p.stat().st_size for p in f16_dir.glob("*.gguf"))
     with pytest.raises(R1VError, match="an mmproj GGUF"):
         resolve_artifact(f16_dir / "mmproj-tiny-F16.gguf")
     alone = tmp_path / "tiny-F16.gguf"
     shutil.copy(f16_dir / "tiny-F16.gguf", alone)
     lone = resolve_artifact(alone)
-    assert lone.mmproj is None
+    assert lone.mmproj_gguf is None
     ref = resolve_reference(tiny_dir)
     check_compatible(ref, lone, needs_images=False)  # text-only evaluation is fine
     with pytest.raises(R1VError, match="no mmproj GGUF"):

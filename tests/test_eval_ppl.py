@@ -12,9 +12,10 @@ import torch
 from click.testing import CliRunner
 from eval_helpers import perturbed_copy
 
+from r1v_quant.artifact import resolve_artifact, resolve_reference
 from r1v_quant.cli import main
 from r1v_quant.errors import R1VError
-from r1v_quant.eval_backends import check_compatible, resolve_artifact, resolve_reference
+from r1v_quant.eval_backends import check_compatible
 from r1v_quant.eval_ppl import RefStore, WindowSpec, build_windows, evaluate_models
 from r1v_quant.evalset import text_windows, window_logits, window_targets
 from r1v_quant.metrics import kld_summary, token_kld
