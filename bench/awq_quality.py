@@ -25,23 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from replica_scoring import kld_by_kind, model_or_tiny
 
 from r1v_quant.checkpoint import open_checkpoint
 from r1v_quant.evalset import heldout_windows, window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
-from r1v_quant.metrics import kld_summary, token_kld
 from r1v_quant.model import R1VModel
 
 
 def score(model: R1VModel, ref_logits: list[torch.Tensor], windows) -> dict[str, dict]:
-    cand = window_logits(model, windows)
-    out = {}
-    for kind in ("text", "image"):
-        idx = [i for i, w in enumerate(windows) if w.kind == kind]
-        r = torch.cat([ref_logits[i] for i in idx])
-        c = torch.cat([cand[i] for i in idx])
-        out[kind] = kld_summary(token_kld(r, c), r, c)
-    return out
+    return kld_by_kind(ref_logits, window_logits(model, windows), windows)
 
 
 class Clock:
@@ -181,12 +174,7 @@ def main() -> None:
     rows: dict[str, tuple[Clock, dict]] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model_dir = args.model
-        if model_dir is None:
-            from r1v_quant.tiny import TinyOptions, build_tiny
-
-            model_dir = tmp / "tiny"
-            build_tiny(model_dir, TinyOptions())
+        model_dir = model_or_tiny(args.model, tmp)
         ref = R1VModel.from_checkpoint(model_dir)
         windows = heldout_windows(model_dir, ref.spec, args.eval, args.eval)
         ref_logits = window_logits(ref, windows)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +33,20 @@ EMBED_NAME = "language_model.model.embed_tokens.weight"
 FINAL_NORM = "language_model.model.norm"
 LM_HEAD = "language_model.lm_head.weight"
 
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def _loaded(build: Callable[[], M], state: dict[str, torch.Tensor], dtype: torch.dtype) -> M:
+    """`build()` on the meta device, then given the checkpoint tensors: no random init, no second copy."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(_cast(state, dtype), strict=True, assign=True)
+    return module
+
 
 def load_decoder_layer(ckpt: Checkpoint, index: int, dtype: torch.dtype = torch.float32) -> Qwen2Layer:
     """One Qwen2 decoder layer with its checkpoint weights (nothing else of the LLM is loaded)."""
-    with torch.device("meta"):
-        layer = Qwen2Layer(ckpt.spec.llm)
-    layer.load_state_dict(_cast(ckpt.layer(index), dtype), strict=True, assign=True)
-    return layer.eval()
+    return _loaded(lambda: Qwen2Layer(ckpt.spec.llm), ckpt.layer(index), dtype).eval()
 
 
 @dataclass
@@ -99,24 +107,20 @@ def image_features(
     hidden = ActivationList(store, "vit_hidden", len(rendered))
     depth = spec.select_layer % (v.num_layers + 1)  # hidden_states[select_layer]; index 0 = embeddings
     bar = tqdm(total=(depth + 2) * len(todo), desc="vision tower", unit="sample", disable=not progress)
-    with torch.device("meta"):
-        embeddings = VisionEmbeddings(v)
-    embeddings.load_state_dict(_cast(ckpt.with_prefix("vision_model.embeddings"), dtype), assign=True)
+    embeddings = _loaded(lambda: VisionEmbeddings(v), ckpt.with_prefix("vision_model.embeddings"), dtype)
     for j in todo:
         hidden[j] = embeddings(renderer.pixels(rendered[j], cset).to(dtype))
         bar.update(1)
     del embeddings
     for i in range(depth):
-        with torch.device("meta"):
-            layer = VisionLayer(v)
-        layer.load_state_dict(_cast(ckpt.layer(i, vision=True), dtype), strict=True, assign=True)
+        layer = _loaded(lambda: VisionLayer(v), ckpt.layer(i, vision=True), dtype)
         for j in todo:
             hidden[j] = layer(hidden[j])  # samples are independent in the ViT: update in place
             bar.update(1)
         del layer
-    with torch.device("meta"):
-        proj = Projector(spec.projector_in, spec.llm.hidden_size)
-    proj.load_state_dict(_cast(ckpt.with_prefix("mlp1"), dtype), strict=True, assign=True)
+    proj = _loaded(
+        lambda: Projector(spec.projector_in, spec.llm.hidden_size), ckpt.with_prefix("mlp1"), dtype
+    )
     for j in todo:
         x = hidden[j][:, 1:, :]  # drop CLS
         n, t, c = x.shape
@@ -154,6 +158,27 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
     return {k: t.to(dtype) for k, t in state.items()}
 
 
+def _first_inputs(
+    ckpt: Checkpoint,
+    renderer: Renderer,
+    cset: CalibrationSet,
+    rendered: Sequence[RenderedSample],
+    store: ActivationStore,
+    name: str,
+    *,
+    dtype: torch.dtype,
+    progress: bool,
+) -> tuple[ActivationList, torch.Tensor, torch.Tensor]:
+    """The first decoder layer's inputs (embeddings + image features) as `name` in `store`, and the RoPE
+    cos/sin for the longest sample: what every layer-by-layer pass starts from."""
+    inputs = ActivationList(store, name, len(rendered))
+    feats = image_features(ckpt, renderer, cset, rendered, store, dtype=dtype, progress=progress)
+    embed_samples(ckpt, rendered, feats, inputs, dtype=dtype)
+    longest = max((r.length for r in rendered), default=1)
+    cos, sin = rope_cos_sin(ckpt.spec.llm, torch.arange(longest), dtype)
+    return inputs, cos, sin
+
+
 @torch.no_grad()
 def iter_layers(
     ckpt: Checkpoint,
@@ -172,11 +197,9 @@ def iter_layers(
     propagate the modified layer's outputs; otherwise the next layer sees the 16-bit outputs.
     """
     n = len(rendered)
-    inputs = ActivationList(store, "inputs", n)
-    feats = image_features(ckpt, renderer, cset, rendered, store, dtype=dtype, progress=progress)
-    embed_samples(ckpt, rendered, feats, inputs, dtype=dtype)
-    longest = max((r.length for r in rendered), default=1)
-    cos, sin = rope_cos_sin(ckpt.spec.llm, torch.arange(longest), dtype)
+    inputs, cos, sin = _first_inputs(
+        ckpt, renderer, cset, rendered, store, "inputs", dtype=dtype, progress=progress
+    )
     masks = [r.modality for r in rendered]
     num_layers = ckpt.spec.llm.num_layers
     bar = tqdm(total=num_layers * n, desc="decoder layers", unit="sample", disable=not progress)
@@ -225,10 +248,7 @@ def layer_sensitivity(
     n, spec = len(rendered), ckpt.spec
     num_layers, response = spec.llm.num_layers, MODALITIES.index("response")
     k = max(1, math.ceil(math.sqrt(num_layers)))
-    feats = image_features(ckpt, renderer, cset, rendered, store, dtype=dtype, progress=False)
-    embed_samples(ckpt, rendered, feats, ActivationList(store, "sens0", n), dtype=dtype)
-    longest = max((r.length for r in rendered), default=1)
-    cos, sin = rope_cos_sin(spec.llm, torch.arange(longest), dtype)
+    _, cos, sin = _first_inputs(ckpt, renderer, cset, rendered, store, "sens0", dtype=dtype, progress=False)
     recompute = sum(min(f + k, num_layers) - 1 - f for f in range(0, num_layers, k))
     bar = tqdm(total=2 * num_layers + recompute, desc="sensitivity", unit="layer", disable=not progress)
 

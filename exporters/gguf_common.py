@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -23,6 +25,38 @@ def import_gguf() -> Any:
     except ImportError as e:
         raise R1VError(f"the gguf package is not installed ({e}): pip install 'r1v-quant[gguf]'") from None
     return gguf
+
+
+class PlannedTensorInfo(Protocol):
+    """What the GGUF writers need to declare a tensor before its data (gguf_llm and gguf_mmproj plans)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    nbytes: int
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    """Bytes of a tensor of logical `shape` stored as GGML type `qtype` (F32, F16 or block-quantized)."""
+    gguf = import_gguf()
+    q = gguf.GGMLQuantizationType
+    if qtype in (q.F32, q.F16):
+        return math.prod(shape) * (4 if qtype == q.F32 else 2)
+    return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
+
+
+def add_tensor_infos(writer: Any, plan: Iterable[PlannedTensorInfo]) -> None:
+    """Declare every planned tensor to a `gguf.GGUFWriter` before the header is written."""
+    for t in plan:
+        # The logical shape with raw_dtype: the writer stores it (reversed) and trusts our byte count.
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+
+
+def write_header(writer: Any, path: Path | str) -> None:
+    """Header, key-values and tensor infos of a `gguf.GGUFWriter`, in the order the format needs them."""
+    writer.write_header_to_file(path=Path(path))
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
 
 
 def quantize_rows(
@@ -66,3 +100,31 @@ def llama_log(verbose: bool) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(old)
+
+
+def free_handle(handle: Any, free: Callable[[Any], Any]) -> None:
+    """`free(handle)` unless it is already gone; returns None for `self._x = free_handle(self._x, ...)`."""
+    if handle is not None:
+        free(handle)
+    return None
+
+
+class Closeable:
+    """`with` support and a last-chance `close()` when collected, for objects holding llama.cpp handles.
+
+    The subclass's `close()` frees its handles and must be safe to call twice (and on a half-built object:
+    `__del__` also runs after a failed `__init__`).
+    """
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

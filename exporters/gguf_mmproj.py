@@ -27,7 +27,6 @@ appended (the fused qkv is read once for its three parts); the file appears unde
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from r1v_quant.hub import model_name
 from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from r1v_quant.spec import VIT_PREFIX, ModelSpec
 
-from .gguf_common import import_gguf, quantize_rows
+from .gguf_common import add_tensor_infos, import_gguf, quantize_rows, tensor_nbytes, write_header
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +148,7 @@ def plan_mmproj(
             fallback.append(name)
         else:
             qtype = target
-        if qtype in (q.F32, q.F16):
-            nbytes = math.prod(shape) * (4 if qtype == q.F32 else 2)
-        else:
-            nbytes = math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
-        plan.append(MmprojTensor(name, source, part, shape, qtype, nbytes))
+        plan.append(MmprojTensor(name, source, part, shape, qtype, tensor_nbytes(shape, qtype)))
     return plan, fallback
 
 
@@ -225,11 +220,8 @@ def write_mmproj(
         writer.add_bool(TILING_KEYS["use_thumbnail"], spec.use_thumbnail)
         writer.add_bool(TILING_KEYS["dynamic_image_size"], spec.dynamic_image_size)
         writer.add_string(TILING_KEYS["ps_version"], spec.ps_version)
-        for t in plan:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        writer.write_header_to_file(path=Path(path))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        add_tensor_infos(writer, plan)
+        write_header(writer, path)
         cached: tuple[str, torch.Tensor] | None = None  # the fused qkv is read once for its three parts
         for t in plan:
             if cached is None or cached[0] != t.source:

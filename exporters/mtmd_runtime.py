@@ -19,7 +19,6 @@ position-row order it uses (see gguf_mmproj).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -36,7 +35,7 @@ from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image, to_tensor
 from r1v_quant.spec import ModelSpec, parse_config
 
-from .gguf_common import llama_log
+from .gguf_common import Closeable, free_handle, llama_log, write_header
 
 
 def import_mtmd() -> tuple[Any, Any]:
@@ -89,9 +88,7 @@ def write_stub_text_gguf(path: Path | str) -> Path:
         writer.add_eos_token_id(len(tokens) - 1)
         writer.add_add_bos_token(False)
         writer.add_add_eos_token(False)
-        writer.write_header_to_file(path=path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        write_header(writer, path)
     finally:
         writer.close()
     return path
@@ -127,7 +124,7 @@ def _mmproj_meta(path: Path) -> dict[str, int]:
     }
 
 
-class MtmdVision:
+class MtmdVision(Closeable):
     """A libmtmd context for one mmproj GGUF, used to encode images (no text generation).
 
     `text_model`: a text GGUF whose vocabulary has `<img>`/`</img>` (loaded vocab-only); None writes a stub.
@@ -188,25 +185,11 @@ class MtmdVision:
             raise R1VError(f"{self.path}: libmtmd reports no vision support")
 
     def close(self) -> None:
-        if self._ctx is not None:
-            self.mtmd.mtmd_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            self.llama_cpp.llama_model_free(self._model)
-            self._model = None
+        self._ctx = free_handle(self._ctx, self.mtmd.mtmd_free)
+        self._model = free_handle(self._model, self.llama_cpp.llama_model_free)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> MtmdVision:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
 
     # -- encoding ---------------------------------------------------------------------------------------
     def encode_rgb(self, rgb: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from r1v_quant.errors import R1VError
-from r1v_quant.llamacpp_runtime import RuntimeResult, sample_token
+from r1v_quant.llamacpp_runtime import RuntimeResult, sample_tokens
 from r1v_quant.preprocess import ImageSource, expand_image_placeholders, open_image
 from r1v_quant.prompts import IMAGE_PLACEHOLDER, build_prompt, split_thinking
 
@@ -104,24 +104,9 @@ class LlamaCppLM:
     def decode(self, ids: Sequence[int]) -> str:
         return self.rt.detokenize(ids)
 
-    def generate(
-        self,
-        ids: Sequence[int],
-        image_embeds: np.ndarray | None,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        seed: int,
-        on_token: OnToken | None,
-    ) -> RuntimeResult:
-        return self.rt.generate(
-            ids,
-            image_embeds,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            on_token=on_token,
-        )
+    def generate(self, ids: Sequence[int], image_embeds: np.ndarray | None, **options: Any) -> RuntimeResult:
+        # LanguageModel.generate's keywords are a subset of LlamaCppRuntime.generate's: passed through as is
+        return self.rt.generate(ids, image_embeds, **options)
 
     def close(self) -> None:
         self.rt.close()  # the runtime silences llama_free's buffer report itself
@@ -161,8 +146,6 @@ class TorchLM:
         from r1v_quant.llm import KVCache
 
         lm = self.model.language_model
-        rng = np.random.default_rng(seed)
-        result = RuntimeResult()
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = torch.tensor([list(ids)])
@@ -170,18 +153,23 @@ class TorchLM:
             cache = KVCache(self.model.spec.llm.num_layers)
             hidden = lm.forward_embeds(self.model.embed(x, image_embeds=rows), cache)
             t1 = time.perf_counter()
-            for _ in range(max_new_tokens):
-                logits = lm.logits(hidden[0, -1]).numpy()
-                nxt = sample_token(logits, temperature, 1.0, rng)
-                if nxt in self.stop_ids:
-                    result.stopped = True
-                    break
-                result.tokens.append(nxt)
-                if on_token is not None:
-                    on_token(nxt)
+
+            def feed(token: int) -> np.ndarray | None:
                 if cache.length + 1 > self.n_ctx:
-                    break  # context full: reported as not stopped, like llama.cpp
-                hidden = lm.forward_embeds(lm.model.embed_tokens(torch.tensor([[nxt]])), cache)
+                    return None
+                h = lm.forward_embeds(lm.model.embed_tokens(torch.tensor([[token]])), cache)
+                return lm.logits(h[0, -1]).numpy()
+
+            result = sample_tokens(
+                lm.logits(hidden[0, -1]).numpy(),
+                feed,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=1.0,
+                seed=seed,
+                stop_ids=self.stop_ids,
+                on_token=on_token,
+            )
         t2 = time.perf_counter()
         result.timings = {"prompt_s": t1 - t0, "decode_s": t2 - t1, "n_prompt": len(ids), "n_reused": 0,
                           "n_gen": len(result.tokens)}  # fmt: skip

@@ -14,12 +14,11 @@ rows by content), so a multi-turn chat only decodes what is new.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from r1v_quant.errors import R1VError
+from r1v_quant.exporters.gguf_common import Closeable, free_handle, llama_log
 from r1v_quant.preprocess import ImageSource, expand_image_placeholders, open_image
 from r1v_quant.prompts import CHAT_FORMATS, IMAGE_PLACEHOLDER, IMG_CONTEXT, build_prompt
 
@@ -67,7 +67,7 @@ def find_gguf_pair(path: Path | str) -> tuple[Path, Path | None]:
     return llm[0], (mmproj[0] if mmproj else None)
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(Closeable):
     """One language-model GGUF in a llama.cpp context, plus an optional mmproj for images."""
 
     def __init__(
@@ -82,14 +82,11 @@ class LlamaCppRuntime:
         max_tiles: int | None = None,
         verbose: bool = False,
     ):
-        from r1v_quant.exporters.gguf_common import llama_log
-
         self.lc = _import_llama()
         self.path = Path(gguf)
         if not self.path.is_file():
             raise R1VError(f"{self.path}: no such GGUF file")
         self.verbose = verbose
-        self._log = llama_log
         self.n_threads = n_threads or os.cpu_count() or 1
         self.max_tiles = max_tiles
         self._model: Any = None
@@ -108,7 +105,7 @@ class LlamaCppRuntime:
     # -- setup ------------------------------------------------------------------------------------------
     def _open(self, n_ctx: int, n_batch: int, n_gpu_layers: int) -> None:
         lc = self.lc
-        with self._log(self.verbose):
+        with llama_log(self.verbose):
             lc.llama_backend_init()
             mp = lc.llama_model_default_params()
             mp.n_gpu_layers = n_gpu_layers
@@ -175,23 +172,9 @@ class LlamaCppRuntime:
         if self._vision is not None:
             self._vision.close()
             self._vision = None
-        with self._log(self.verbose):  # llama_free logs its buffer sizes
-            if self._ctx is not None:
-                self.lc.llama_free(self._ctx)
-                self._ctx = None
-            if self._model is not None:
-                self.lc.llama_model_free(self._model)
-                self._model = None
-
-    def __enter__(self) -> LlamaCppRuntime:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        with llama_log(self.verbose):  # llama_free logs its buffer sizes
+            self._ctx = free_handle(self._ctx, self.lc.llama_free)
+            self._model = free_handle(self._model, self.lc.llama_model_free)
 
     # -- text -------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -328,7 +311,7 @@ class LlamaCppRuntime:
                     batch.seq_id[j][0] = 0
                     batch.logits[j] = all_logits or pos + j == n - 1
                 batch.n_tokens = count
-                with self._log(self.verbose):
+                with llama_log(self.verbose):
                     rc = lc.llama_decode(self._ctx, batch)
                 if rc != 0:
                     raise R1VError(f"llama_decode failed with code {rc} at position {pos}")
@@ -388,20 +371,26 @@ class LlamaCppRuntime:
         logits = self._decode(ids, image_embeds, same, all_logits=False)
         t1 = time.perf_counter()
         self._keys = keys
-        rng = np.random.default_rng(seed)
-        result = RuntimeResult()
-        for _ in range(max_new_tokens):
-            nxt = sample_token(logits, temperature, top_p, rng)  # type: ignore[arg-type]
-            if nxt in self.stop_ids and not ignore_stop:
-                result.stopped = True  # the stop token itself never enters the cache
-                break
-            result.tokens.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
+        generated: list[int] = []
+
+        def feed(token: int) -> np.ndarray | None:
             if len(self._keys) + 1 > self.n_ctx:
-                break  # context full: reported as not stopped
-            logits = self._decode([*ids, *result.tokens], image_embeds, len(self._keys), all_logits=False)
-            self._keys.append(nxt)
+                return None
+            generated.append(token)
+            out = self._decode([*ids, *generated], image_embeds, len(self._keys), all_logits=False)
+            self._keys.append(token)
+            return out
+
+        result = sample_tokens(
+            logits,  # type: ignore[arg-type]
+            feed,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_ids=() if ignore_stop else self.stop_ids,
+            on_token=on_token,
+        )
         t2 = time.perf_counter()
         result.timings = {
             "prompt_s": t1 - t0,
@@ -427,6 +416,40 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
         mask[keep] = p[keep]
         p = mask / mask.sum()
     return int(rng.choice(len(p), p=p))
+
+
+def sample_tokens(
+    logits: np.ndarray,
+    feed: Callable[[int], np.ndarray | None],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop_ids: Collection[int],
+    on_token: Callable[[int], Any] | None,
+) -> RuntimeResult:
+    """Sample up to `max_new_tokens` from the prompt's last-position `logits` on.
+
+    `feed(token)` decodes an accepted token and returns the next logits, or None when the context is full
+    (the result is then not `stopped`). A stop token ends the answer and is never fed. The llama.cpp and
+    torch engines share this loop so that they stop, stream and count tokens alike.
+    """
+    rng = np.random.default_rng(seed)
+    result = RuntimeResult()
+    for _ in range(max_new_tokens):
+        nxt = sample_token(logits, temperature, top_p, rng)
+        if nxt in stop_ids:
+            result.stopped = True
+            break
+        result.tokens.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        next_logits = feed(nxt)
+        if next_logits is None:
+            break  # context full
+        logits = next_logits
+    return result
 
 
 def mmproj_tiling(path: Path) -> dict[str, Any]:
