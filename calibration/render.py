@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from r1v_quant.errors import R1VError
-from r1v_quant.preprocess import PreprocessedImage, expand_image_placeholders, preprocess_image
+from r1v_quant.preprocess import PreprocessedImage, expand_image_placeholders, preprocess_for_spec
 from r1v_quant.prompts import IMAGE_PLACEHOLDER, build_prompt
 from r1v_quant.spec import ModelSpec
 from r1v_quant.tokenizer import R1VTokenizer
@@ -66,14 +66,7 @@ class Renderer:
 
     def _preprocess(self, cset: CalibrationSet, key: str) -> PreprocessedImage:
         s = self.spec
-        return preprocess_image(
-            cset.image_bytes(key),
-            image_size=s.force_image_size,
-            min_num=s.min_dynamic_patch,
-            max_num=s.max_dynamic_patch,
-            use_thumbnail=s.use_thumbnail,
-            dynamic=s.dynamic_image_size,
-        )
+        return preprocess_for_spec(cset.image_bytes(key), s)
 
     def pixels(self, rendered: RenderedSample, cset: CalibrationSet) -> torch.Tensor | None:
         """(tiles, 3, S, S) float32 for the kept images, or None for a text-only sample."""

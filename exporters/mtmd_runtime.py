@@ -331,21 +331,14 @@ def embedding_parity(
 
     Returns min / median / mean cosine over all tokens, tokens compared and per-image minima.
     """
-    from r1v_quant.preprocess import preprocess_image
+    from r1v_quant.preprocess import preprocess_for_spec
 
     spec, ref = load_reference_vision(model_dir)
     mins: list[float] = []
     all_cos: list[np.ndarray] = []
     with MtmdVision(mmproj, n_threads=n_threads) as mv:
         for image in images:
-            pre = preprocess_image(
-                image,
-                image_size=spec.force_image_size,
-                min_num=spec.min_dynamic_patch,
-                max_num=spec.max_dynamic_patch if max_num is None else max_num,
-                use_thumbnail=spec.use_thumbnail,
-                dynamic=spec.dynamic_image_size,
-            )
+            pre = preprocess_for_spec(image, spec, max_num)
             cos = cosine_rows(mv.image_embeds_for(image, spec, max_num=max_num), ref(pre.pixel_values))
             all_cos.append(cos)
             mins.append(float(cos.min()))

@@ -204,17 +204,10 @@ class TorchVision:
         self.width = model.spec.llm.hidden_size
 
     def encode(self, image: ImageSource) -> ImageEmbeds:
-        from r1v_quant.preprocess import preprocess_image
+        from r1v_quant.preprocess import preprocess_for_spec
 
         spec = self.model.spec
-        prepped = preprocess_image(
-            image,
-            image_size=spec.force_image_size,
-            min_num=spec.min_dynamic_patch,
-            max_num=spec.max_dynamic_patch,
-            use_thumbnail=spec.use_thumbnail,
-            dynamic=spec.dynamic_image_size,
-        )
+        prepped = preprocess_for_spec(image, spec)
         out = self.model.image_embeds(prepped.pixel_values)
         return ImageEmbeds(out.reshape(-1, out.shape[-1]).float().numpy(), prepped.num_tiles)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from r1v_quant.errors import R1VError
-from r1v_quant.preprocess import expand_image_placeholders, preprocess_image
+from r1v_quant.preprocess import expand_image_placeholders, preprocess_for_spec
 from r1v_quant.prompts import build_prompt
 from r1v_quant.spec import ModelSpec
 from r1v_quant.synthdata import image_problems, render_shape, text_problems
@@ -58,14 +58,7 @@ def heldout_windows(
         out.append(window("text", p.question, p.response(), None, []))
     for p in image_problems(n_image, seed + 1):
         picture = render_shape(p.color, p.shape)
-        pre = preprocess_image(
-            picture,
-            image_size=spec.force_image_size,
-            min_num=spec.min_dynamic_patch,
-            max_num=spec.max_dynamic_patch,
-            use_thumbnail=spec.use_thumbnail,
-            dynamic=spec.dynamic_image_size,
-        )
+        pre = preprocess_for_spec(picture, spec)
         out.append(
             window(
                 "image", f"<image>\n{p.question}", p.response(), pre.pixel_values, [pre.num_tiles], [picture]

@@ -138,22 +138,12 @@ def build_inputs(
     think: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Prompt in the flavour's template with each `<image>` expanded to its tiles' <IMG_CONTEXT> run."""
-    from r1v_quant.preprocess import expand_image_placeholders, preprocess_image
+    from r1v_quant.preprocess import expand_image_placeholders, preprocess_for_spec
     from r1v_quant.prompts import build_prompt
     from r1v_quant.tokenizer import R1VTokenizer
 
     tok = R1VTokenizer.from_dir(model_dir)
-    prepped = [
-        preprocess_image(
-            p,
-            image_size=spec.force_image_size,
-            min_num=spec.min_dynamic_patch,
-            max_num=spec.max_dynamic_patch,
-            use_thumbnail=spec.use_thumbnail,
-            dynamic=spec.dynamic_image_size,
-        )
-        for p in images
-    ]
+    prepped = [preprocess_for_spec(p, spec) for p in images]
     if images and "<image>" not in question:
         question = "<image>\n" * len(images) + question
     messages = ([{"role": "system", "content": system}] if system else []) + [

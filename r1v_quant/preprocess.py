@@ -18,12 +18,16 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from r1v_quant.errors import R1VError
+
+if TYPE_CHECKING:
+    from r1v_quant.spec import ModelSpec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -221,6 +225,20 @@ def preprocess_image(
         tiles = [image.resize((image_size, image_size), Image.Resampling.BICUBIC)]
     pixel_values = torch.from_numpy(np.stack([to_tensor(t) for t in tiles]))
     return PreprocessedImage(pixel_values=pixel_values, grid=grid, num_tiles=len(tiles), size=image.size)
+
+
+def preprocess_for_spec(
+    source: ImageSource, spec: ModelSpec, max_num: int | None = None
+) -> PreprocessedImage:
+    """`preprocess_image` with the tiling a checkpoint's config asks for (`max_num` overrides its cap)."""
+    return preprocess_image(
+        source,
+        image_size=spec.force_image_size,
+        min_num=spec.min_dynamic_patch,
+        max_num=spec.max_dynamic_patch if max_num is None else max_num,
+        use_thumbnail=spec.use_thumbnail,
+        dynamic=spec.dynamic_image_size,
+    )
 
 
 def image_placeholder(num_tiles: int, num_image_token: int = 256) -> str:
