@@ -343,6 +343,30 @@ def test_loader_matches_fake_quant_forward_exactly(awq_run, tiny_dir: Path) -> N
     assert torch.equal(loaded(ids), ref(ids))
 
 
+def test_skywork_release_layout_loads(awq_run, tmp_path: Path) -> None:
+    """Skywork's own AWQ releases were made with LMDeploy: `quantization_config` only inside `llm_config`,
+    no `modules_to_not_convert`, architecture `InternVLChatModel`, eager attention in the LLM config
+    (research/skywork-r1v-checkpoint.md §8). r1v-quant must read them as AWQ, so `check` can score them."""
+    from r1v_quant.artifact import describe_artifact, resolve_artifact
+
+    out, _, _ = awq_run
+    theirs = tmp_path / "Skywork-R1V-38B-AWQ"
+    shutil.copytree(out, theirs)
+    cfg = json.loads((theirs / "config.json").read_text())
+    del cfg["quantization_config"]
+    cfg["architectures"] = ["InternVLChatModel"]
+    cfg["llm_config"]["attn_implementation"] = "eager"
+    cfg["llm_config"]["quantization_config"] = {
+        "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True,
+    }  # fmt: skip
+    (theirs / "config.json").write_text(json.dumps(cfg, indent=2))
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(R1VModel.from_checkpoint(theirs)(ids), R1VModel.from_checkpoint(out)(ids))
+    art = resolve_artifact(theirs)
+    assert (art.kind, art.backend) == ("awq", "torch")
+    assert describe_artifact(theirs).llm_format == "awq-int4-g128"
+
+
 def test_resume_gives_identical_files(awq_run, tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     out_full, _, _ = awq_run
     import r1v_quant.exporters.awq_export as ex
