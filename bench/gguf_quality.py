@@ -8,9 +8,12 @@ Image windows feed the torch vision tower's embeddings (the same for every varia
 
 Variants per type: plain (no calibration), imatrix (calibration mean x² as llama.cpp's importance
 matrix, what `llama-imatrix` + `llama-quantize --imatrix` would do with these statistics) and aware
-(`--activation-aware`: scales folded in, imatrix in the folded basis). "F16" is llama.cpp's 16-bit floor.
+(`--activation-aware`: scales folded in, imatrix in the folded basis), the last two once per
+`--modality-weights` mode in --modes (variant names get the mode appended when more than one is asked
+for, e.g. `aware/balanced`). "F16" is llama.cpp's 16-bit floor.
 
-    python bench/gguf_quality.py [--model DIR] [--types Q4_K_M,Q4_0,Q8_0] [--samples 32] [--eval 16]
+    python bench/gguf_quality.py [--model DIR] [--types Q4_K_M,Q4_0,Q8_0] [--modes auto,balanced]
+                                 [--samples 32] [--eval 16]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from r1v_quant.calibration.pipeline import calibrate
 from r1v_quant.evalset import Window, heldout_windows, window_logits
+from r1v_quant.exporters.gguf_aware import MODALITY_MODES
 from r1v_quant.exporters.gguf_llm import export_llm_gguf
 from r1v_quant.llamacpp_runtime import LlamaCppRuntime
 from r1v_quant.metrics import kld_summary, token_kld
@@ -60,12 +64,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="16-bit checkpoint (default: the tiny replica)")
     ap.add_argument("--types", default="Q4_K_M,Q4_0,Q8_0")
+    ap.add_argument(
+        "--modes", default="auto", help=f"--modality-weights modes, of {','.join(MODALITY_MODES)}"
+    )
     ap.add_argument("--samples", type=int, default=32, help="calibration samples (default set)")
     ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed (default set)")
     ap.add_argument("--eval", type=int, default=16, help="held-out windows per kind")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODALITY_MODES):
+        ap.error(f"--modes: expected some of {', '.join(MODALITY_MODES)}")
     rows: dict[tuple[str, str], tuple[float, int, dict]] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -85,14 +96,14 @@ def main() -> None:
             for w in windows
         ]  # fmt: skip
         calib = tmp / "calib"
-        calibrate(model_dir, "default", args.samples, args.seq_len, calib, progress=False)
+        calibrate(model_dir, "default", args.samples, args.seq_len, calib, seed=args.seed, progress=False)
         plan = [("F16", "16-bit", {})]
         for t in types:
-            plan += [
-                (t, "plain", {}),
-                (t, "imatrix", {"calib": calib}),
-                (t, "aware", {"calib": calib, "activation_aware": True}),
-            ]
+            plan.append((t, "plain", {}))
+            for kind, aware in (("imatrix", False), ("aware", True)):
+                for m in modes:
+                    name = kind if len(modes) == 1 else f"{kind}/{m}"
+                    plan.append((t, name, {"calib": calib, "activation_aware": aware, "modality_weights": m}))
         for i, (t, variant, kw) in enumerate(plan):
             out = tmp / f"v{i}" / f"m-{t}.gguf"
             t0 = time.perf_counter()
@@ -108,7 +119,7 @@ def main() -> None:
         "scored tokens; ratio = KLD / plain KLD of the same type"
     )
     head = (
-        f"{'type':<8}{'variant':<9}{'MiB':>7}{'s':>6}{'KLD text':>11}{'p99 txt':>9}{'top1 txt%':>10}"
+        f"{'type':<8}{'variant':<17}{'MiB':>7}{'s':>6}{'KLD text':>11}{'p99 txt':>9}{'top1 txt%':>10}"
         f"{'KLD image':>11}{'p99 img':>9}{'top1 img%':>10}{'ratio txt':>10}{'ratio img':>10}"
     )
     print(head)
@@ -118,7 +129,7 @@ def main() -> None:
             f"{s[k]['kld_mean'] / plain[2][k]['kld_mean']:>10.3f}" if plain else f"{'':>10}" for k in KINDS
         )
         print(
-            f"{t:<8}{variant:<9}{nbytes / 2**20:>7.2f}{secs:>6.1f}"
+            f"{t:<8}{variant:<17}{nbytes / 2**20:>7.2f}{secs:>6.1f}"
             f"{s['text']['kld_mean']:>11.2e}{s['text']['kld_p99']:>9.4f}{s['text']['same_top_pct']:>10.1f}"
             f"{s['image']['kld_mean']:>11.2e}{s['image']['kld_p99']:>9.4f}{s['image']['same_top_pct']:>10.1f}"
             f"{ratios}"

@@ -32,6 +32,13 @@ def _size(n: int | None) -> str:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--flavor", default=None, help="r1v | r1v2 | r1v3 (default: from the checkpoint).")
+@click.option(
+    "--sensitivity/--no-sensitivity",
+    default=True,
+    show_default=True,
+    help="Also measure per-layer vision / language sensitivity (sensitivity.json, for `gguf "
+    "--modality-weights auto`): a backward pass over 8 samples.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def calibrate_command(
     model: Path,
@@ -43,6 +50,7 @@ def calibrate_command(
     text_ratio: float,
     seed: int,
     flavor: str | None,
+    sensitivity: bool,
     as_json: bool,
 ) -> None:
     """Capture per-layer activation statistics of MODEL on a calibration set into OUT."""
@@ -58,15 +66,17 @@ def calibrate_command(
         text_ratio=text_ratio,
         seed=seed,
         flavor=flavor,
+        sensitivity=sensitivity,
         progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    t, mem = report["tokens"], report["memory"]
+    t, mem, sens = report["tokens"], report["memory"], report["sensitivity"]
     click.echo(
         f"wrote {out}: {report['set']['samples']} samples, {t['total']} tokens "
         f"(vision {t['vision']}, prompt {t['prompt']}, response {t['response']}), "
         f"{report['layers']} layers, {report['tokens_per_second']} tokens/s, "
         f"spilled {_size(mem['spilled_bytes'])}, set {report['set']['hash'][:19]}"
+        + (f", sensitivity of {sens['samples']} samples ({sens['seconds']} s)" if sens else "")
     )

@@ -1,4 +1,5 @@
-"""`calibrate`: set -> rendered samples -> layer-by-layer capture -> stats.safetensors + report.json.
+"""`calibrate`: set -> rendered samples -> layer-by-layer capture -> stats.safetensors + report.json, and
+the per-layer modality sensitivity (sensitivity.py) -> sensitivity.json.
 
 `prepare` stops before the capture, for callers (the AWQ search) that drive `iter_layers` themselves.
 """
@@ -25,6 +26,7 @@ from .capture import iter_layers
 from .dataset import CalibrationSet
 from .loaders import load_set
 from .render import MODALITIES, RenderedSample, Renderer
+from .sensitivity import SENSITIVITY_FILE, measure_sensitivity, write_sensitivity
 from .stats import FORMAT, LINEAR_GROUPS, STATS_FILE
 from .store import ActivationStore, parse_size
 
@@ -87,9 +89,11 @@ def calibrate(
     seed: int = 0,
     flavor: str | None = None,
     dtype: torch.dtype = torch.float32,
+    sensitivity: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write `out_dir/stats.safetensors` and `out_dir/report.json` (atomically); return the report."""
+    """Write `out_dir/stats.safetensors`, `report.json`, `set_manifest.jsonl` and (`sensitivity`)
+    `sensitivity.json`, all at once (atomically); return the report."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # fail before minutes of work, not after
@@ -114,12 +118,30 @@ def calibrate(
             ):
                 assert cap.stats is not None
                 tensors.update(cap.stats.tensors())
+            t_capture = time.perf_counter()
+            store.drop("inputs")  # the last layer's outputs: not needed by the sensitivity pass
+            # measured here once, so `gguf --modality-weights auto` weighs modalities as `awq` does
+            sens = measure_sensitivity(prep, store, dtype=dtype, progress=progress) if sensitivity else None
         finally:
             store.close()  # also removes the spill folder before the directory is renamed into place
         seconds = time.perf_counter() - t0
         report = _report(
-            prep, model_dir, set_spec, seq_len, seed, text_ratio, budget, store, seconds, t_prep - t0
-        )
+            prep, model_dir, set_spec, seq_len, seed, text_ratio, budget, store, seconds, t_prep - t0,
+            t_capture - t_prep,
+        )  # fmt: skip
+        report["sensitivity"] = None
+        if sens is not None:
+            write_sensitivity(sens, tmp)
+            report["sensitivity"] = {
+                "file": SENSITIVITY_FILE,
+                "samples": len(sens.samples),
+                "seconds": round(seconds - (t_capture - t0), 3),
+                # mean over layers of the vision / language per-token weight: how much less a vision
+                # token's output error costs the answer
+                "vision_over_language": round(
+                    float((sens.weights[:, 0] / sens.weights[:, 2].clamp(min=1e-30)).mean()), 6
+                ),
+            }
         metadata = {
             "format": FORMAT,
             "set_hash": prep.set_hash,
@@ -151,6 +173,7 @@ def _report(
     store: ActivationStore,
     seconds: float,
     prep_seconds: float,
+    capture_seconds: float,
 ) -> dict[str, Any]:
     rs = prep.rendered
     tokens = {m: sum(r.count(code) for r in rs) for code, m in enumerate(MODALITIES)}
@@ -191,5 +214,5 @@ def _report(
         },
         "seconds": round(seconds, 3),
         "prepare_seconds": round(prep_seconds, 3),
-        "tokens_per_second": round(tokens["total"] / max(seconds - prep_seconds, 1e-9), 1),
+        "tokens_per_second": round(tokens["total"] / max(capture_seconds, 1e-9), 1),  # the capture pass
     }

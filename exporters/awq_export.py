@@ -31,9 +31,7 @@ from r1v_quant.awq import (
     ChannelStats,
     LayerResult,
     apply_quantized,
-    language_vision_sensitivity,
     quantize_layer,
-    screen_samples,
 )
 from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter
 from r1v_quant.errors import R1VError
@@ -123,6 +121,7 @@ def quantize_awq(
 ) -> dict[str, Any]:
     """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests."""
     from r1v_quant.calibration import ActivationStore, iter_layers, parse_size, prepare
+    from r1v_quant.calibration.sensitivity import modality_sensitivities  # shared with calibrate / gguf
 
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -166,7 +165,7 @@ def quantize_awq(
     layer_reports: list[dict] = []
     store = ActivationStore(budget, work / "spill")
     t_prep = time.perf_counter()
-    sens = _sensitivities(prep, store, progress) if cfg.modality_weights == "auto" else None
+    sens = modality_sensitivities(prep, store, progress) if cfg.modality_weights == "auto" else None
     t_sens = time.perf_counter()
     bar = tqdm(
         total=ckpt.spec.llm.num_layers, desc=f"{opts.method} search", unit="layer", disable=not progress
@@ -228,20 +227,6 @@ def quantize_awq(
     )
     shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-SENSITIVITY_SAMPLES = 8  # calibration samples whose answer-loss gradients weigh the modalities
-
-
-def _sensitivities(prep, store, progress: bool) -> torch.Tensor:  # prep: calibration.Prepared
-    """(layers, 3) per-modality weights for --modality-weights auto, measured on a subset of the samples."""
-    from r1v_quant.calibration.capture import layer_sensitivity
-
-    masks = [r.modality for r in prep.rendered]
-    picked = screen_samples(masks, min(1.0, SENSITIVITY_SAMPLES / max(len(masks), 1)))
-    subset = [prep.rendered[j] for j in picked]
-    sens, counts = layer_sensitivity(prep.ckpt, prep.renderer, prep.cset, subset, store, progress=progress)
-    return language_vision_sensitivity(sens, counts)
 
 
 def channel_stats(stats) -> ChannelStats:  # stats: calibration LayerStats of the layer being searched

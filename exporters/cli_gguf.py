@@ -61,10 +61,12 @@ def gguf_output_path(model: Path, out_dir: Path, gguf_type: str) -> Path:
 )
 @click.option(
     "--modality-weights",
-    type=click.Choice(["auto", "uniform", "text"]),
+    type=click.Choice(["auto", "balanced", "uniform", "text"]),
     default="auto",
     show_default=True,
-    help="How vision / prompt / response tokens weigh in the --calib statistics.",
+    help="How vision / prompt / response tokens weigh in the --calib statistics, as in `awq`: auto = "
+    "measured per-layer sensitivity (the calibration's sensitivity.json), balanced = each modality "
+    "equally, uniform = every token once, text = vision tokens ignored.",
 )
 @click.option(
     "--split-max-size",

@@ -23,8 +23,9 @@ error on a subsample of weight rows:
                    block max estimated from the per-channel RMS of x/s.
 
 Both terms assume independent columns (a diagonal second moment): cheap, but a proxy, not AWQ's search on
-the layer's real outputs. E[x²] and mean |x| are modality-weighted (auto: vision, prompt and response tokens
-count equally, as in `awq`).
+the layer's real outputs. E[x²] and mean |x| are modality-weighted exactly as `awq` weighs its tokens
+(modality_shares; auto: each token by its modality's measured sensitivity in this layer, from the
+calibration's sensitivity.json).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v_quant.calibration.render import MODALITIES
+from r1v_quant.awq import MODALITY_MODES as AWQ_MODALITY_MODES
+from r1v_quant.calibration.render import MODALITIES, VISION
 from r1v_quant.calibration.stats import CalibrationStats
 from r1v_quant.checkpoint import Checkpoint
 from r1v_quant.errors import R1VError
@@ -88,7 +90,7 @@ PROXY_TYPES: dict[str, tuple[str, int]] = {
     "Q8_0": ("Q8_0", 32),
 }
 DEFAULT_PROXY = ("Q4_K", 256)
-MODALITY_MODES = ("auto", "uniform", "text")
+MODALITY_MODES = AWQ_MODALITY_MODES  # auto, uniform, text, balanced: the same names and meanings as `awq`
 AWARE_KEY = "r1v_quant.activation_aware"  # GGUF metadata: scales folded in
 CALIB_KEY = "r1v_quant.calibration_set"  # GGUF metadata: hash of the calibration set used
 IMPORTANCE_FLOOR = 1e-6  # relative to the tensor's mean: a never-active column still gets a tiny weight
@@ -202,27 +204,56 @@ def load_calibration(path: Path | str, spec: ModelSpec) -> CalibrationStats:
     return stats
 
 
-def input_stats(
-    stats: CalibrationStats, layer: int, group: str, mode: str
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mean |x|, mean x², tokens) per input channel, each modality weighted as `mode` says.
-
-    uniform: every token once (the 'all' statistics); auto: each modality present counts equally, so the
-    256 vision tokens per tile do not drown the text; text: vision tokens ignored.
-    """
+def check_mode(mode: str) -> None:
     if mode not in MODALITY_MODES:
         raise R1VError(f"unknown --modality-weights {mode!r}: expected {', '.join(MODALITY_MODES)}")
-    mods = [m for m in MODALITIES if stats.count(layer, group, m) > 0 and (mode != "text" or m != "vision")]
-    if mode == "uniform" or not mods:  # nothing left under "text" (vision-only set): every token
-        n = stats.count(layer, group)
+
+
+def modality_shares(counts: np.ndarray, mode: str, sensitivity: np.ndarray | None = None) -> np.ndarray:
+    """(3,) total weight of each modality's tokens (codes as MODALITIES), summing to 1.
+
+    `awq.token_weights` summed over each modality's tokens, so a mean under these shares is the weighted
+    mean AWQ's search uses: auto: a token weighs its modality's measured sensitivity in this layer
+    (`sensitivity`, (3,), from sensitivity.json); uniform: every token once; text: vision tokens zero;
+    balanced: each modality present the same total. All-zero weights fall back to uniform, as in AWQ.
+    """
+    check_mode(mode)
+    counts = np.asarray(counts, np.float64)
+    if mode == "auto":
+        if sensitivity is None:
+            raise R1VError("--modality-weights auto needs the measured sensitivities (sensitivity.json)")
+        shares = np.asarray(sensitivity, np.float64) * counts
+    elif mode == "text":
+        shares = counts.copy()
+        shares[VISION] = 0.0
+    elif mode == "balanced":
+        shares = (counts > 0).astype(np.float64)
+    else:
+        shares = counts.copy()
+    if not shares.sum() > 0:
+        shares = counts  # e.g. a vision-only set under "text"
+    return shares / max(float(shares.sum()), 1e-300)
+
+
+def input_stats(
+    stats: CalibrationStats, layer: int, group: str, mode: str, sensitivity: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean |x|, mean x², tokens with weight) per input channel, the modalities weighted by
+    modality_shares (`sensitivity`: this layer's per-token weights by modality, for auto)."""
+    counts = np.array([stats.count(layer, group, m) for m in MODALITIES], np.float64)
+    shares = modality_shares(counts, mode, sensitivity)
+    if np.array_equal(shares, counts / max(counts.sum(), 1)):  # every token once: the stored 'all' values
         return (
             stats.get(layer, group, "mean_abs").double().numpy(),
             stats.importance(layer, group).double().numpy(),
-            n,
+            stats.count(layer, group),
         )
-    mean_abs = sum(stats.get(layer, group, "mean_abs", m).double().numpy() for m in mods) / len(mods)
-    mean_sq = sum(stats.importance(layer, group, m).double().numpy() for m in mods) / len(mods)
-    return mean_abs, mean_sq, sum(stats.count(layer, group, m) for m in mods)
+    # scaled so the largest share is 1: balanced is then exactly the plain mean of the modalities' means
+    used = [(m, float(w)) for m, w in zip(MODALITIES, shares / shares.max(), strict=True) if w > 0]
+    total = sum(w for _, w in used)
+    mean_abs = sum(w * stats.get(layer, group, "mean_abs", m).double().numpy() for m, w in used) / total
+    mean_sq = sum(w * stats.importance(layer, group, m).double().numpy() for m, w in used) / total
+    return mean_abs, mean_sq, sum(stats.count(layer, group, m) for m, _ in used)
 
 
 # -- llama.cpp's quantizer as a fake-quantizer -------------------------------------------------------------
@@ -318,14 +349,23 @@ def plan_aware(
     opts: AwareOptions,
     *,
     tensor_name: Any,
+    sensitivity: Any = None,
     progress: bool = False,
 ) -> AwarePlan:
     """Choose the scales (opts.fold) and build the importance matrix in the folded basis.
 
-    `tensor_name(hf_name) -> GGUF name` names the imatrix entries.
+    `tensor_name(hf_name) -> GGUF name` names the imatrix entries. `sensitivity`: (layers, 3) per-token
+    weights by modality (calibration.sensitivity; needed by modality_weights "auto").
     """
+    check_mode(opts.modality_weights)
+    sens = None if sensitivity is None else np.asarray(sensitivity, np.float64)
+    if opts.modality_weights == "auto" and (
+        sens is None or sens.shape != (stats.num_layers, len(MODALITIES))
+    ):
+        got = None if sens is None else sens.shape
+        raise R1VError(f"--modality-weights auto needs ({stats.num_layers}, 3) sensitivities, got {got}")
     with ThreadPoolExecutor(opts.nthread if opts.nthread > 0 else (os.cpu_count() or 1)) as pool:
-        return _plan(ckpt, stats, gguf_type, opts, tensor_name, pool, progress)
+        return _plan(ckpt, stats, gguf_type, opts, tensor_name, sens, pool, progress)
 
 
 def _plan(
@@ -334,6 +374,7 @@ def _plan(
     gguf_type: str,
     opts: AwareOptions,
     tensor_name: Any,
+    sens: np.ndarray | None,
     pool: ThreadPoolExecutor,
     progress: bool,
 ) -> AwarePlan:
@@ -349,9 +390,12 @@ def _plan(
     counts: dict[str, int] = {}
     layers_report = []
     for i in tqdm(range(spec.llm.num_layers), desc="scales", unit="layer", disable=not progress):
-        rep: dict[str, Any] = {"layer": i}
+        layer_sens = None if sens is None else sens[i]
+        counts_i = np.array([stats.count(i, "qkv", m) for m in MODALITIES], np.float64)
+        shares = modality_shares(counts_i, opts.modality_weights, layer_sens)
+        rep: dict[str, Any] = {"layer": i, "modality_shares": [round(float(v), 6) for v in shares]}
         for g in FOLD_GROUPS:
-            mean_abs, mean_sq, n_tok = input_stats(stats, i, g.stat, opts.modality_weights)
+            mean_abs, mean_sq, n_tok = input_stats(stats, i, g.stat, opts.modality_weights, layer_sens)
             s_cols: np.ndarray | None = None
             if opts.fold and quantize is not None:
                 ws = []

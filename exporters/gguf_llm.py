@@ -329,6 +329,9 @@ def export_llm_gguf(
     `calib`: a `calibrate` output directory; its per-column mean x² becomes llama.cpp's importance matrix
     (used by the K-quants, IQ4 and Q4_0, and written next to the output as `<stem>.imatrix.gguf`).
     `activation_aware` also folds per-channel scales into the weights first (gguf_aware.py).
+    `modality_weights` (awq's modes) weighs vision / prompt / response tokens in both; "auto" reads the
+    calibration's sensitivity.json, or, for an older calibration without one, measures it now from the
+    model and the set its report.json records (refused if that set no longer has the calibrated hash).
     `split_max_size` > 0: shards of at most that many tensor bytes (`<stem>-00001-of-0000N.gguf`).
     Outputs appear under their final names only when complete. `flavor` overrides the detected release
     (it picks the pre-tokenizer name). Returns a report: type, path, files, bytes, tensors, seconds.
@@ -365,14 +368,25 @@ def export_llm_gguf(
     if stats is not None:
         opts = AwareOptions(fold=activation_aware, modality_weights=modality_weights, nthread=nthread)
         n_layers = ckpt.spec.llm.num_layers
+        sens, sens_source = None, None
+        if modality_weights == "auto":  # the measured per-layer weights `awq` uses, stored by `calibrate`
+            from r1v_quant.calibration.sensitivity import calibration_sensitivity
+
+            sens, sens_source = calibration_sensitivity(
+                calib, ckpt.path, set_hash=stats.set_hash, num_layers=n_layers, flavor=flavor,
+                scratch=out_path.parent, progress=progress,  # spill room if it must be measured now
+            )  # fmt: skip
         aware = plan_aware(
             ckpt,
             stats,
             gguf_type,
             opts,
             tensor_name=lambda n: gguf_tensor_name(n, n_layers),
+            sensitivity=None if sens is None else sens.weights,
             progress=progress,
         )
+        if sens is not None:
+            aware.report["sensitivity"] = {"source": sens_source, "samples": sens.sample_ids}
         if activation_aware:
             source = FoldedCheckpoint(ckpt, aware)
         meta = {AWARE_KEY: activation_aware, CALIB_KEY: stats.set_hash}

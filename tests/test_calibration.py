@@ -29,6 +29,15 @@ from r1v_quant.calibration import (
     write_set,
 )
 from r1v_quant.calibration.render import PROMPT, RESPONSE, VISION
+from r1v_quant.calibration.sensitivity import (
+    SENSITIVITY_FILE,
+    SENSITIVITY_SAMPLES,
+    Sensitivity,
+    modality_sensitivities,
+    read_sensitivity,
+    sensitivity_subset,
+    write_sensitivity,
+)
 from r1v_quant.checkpoint import open_checkpoint
 from r1v_quant.errors import R1VError
 from r1v_quant.model import R1VModel
@@ -196,8 +205,11 @@ def test_truncation_warns_and_never_cuts_an_image(tiny_dir: Path, tmp_path: Path
 # -- statistics ---------------------------------------------------------------------------------------------
 def test_outputs_and_report(runs: dict[str, Path], prepared) -> None:
     out = runs["ram"]
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "set_manifest.jsonl", "stats.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "report.json", "sensitivity.json", "set_manifest.jsonl", "stats.safetensors"
+    ]  # fmt: skip
     report = json.loads((out / "report.json").read_text())
+    assert report["sensitivity"]["file"] == SENSITIVITY_FILE and report["sensitivity"]["samples"] == SAMPLES
     stats = CalibrationStats.load(out)
     assert report["set"]["hash"] == stats.set_hash == prepared.set_hash
     t = report["tokens"]
@@ -220,6 +232,8 @@ def test_same_seed_same_stats_and_spill_is_identical(runs: dict[str, Path]) -> N
     assert ram.tensors.keys() == spill.tensors.keys()
     for name, t in ram.tensors.items():
         assert torch.equal(t, spill.tensors[name]), name
+    # the sensitivity pass spills exactly too
+    assert (runs["ram"] / SENSITIVITY_FILE).read_bytes() == (runs["spill"] / SENSITIVITY_FILE).read_bytes()
     mem_ram = json.loads((runs["ram"] / "report.json").read_text())["memory"]
     mem_spill = json.loads((runs["spill"] / "report.json").read_text())["memory"]
     assert mem_ram["spilled_bytes"] == 0 and mem_spill["spilled_bytes"] > 0
@@ -266,6 +280,75 @@ def test_stats_and_layer_inputs_match_the_full_forward(
     ):
         for j in range(len(p.rendered)):
             assert torch.allclose(cap.inputs[j], entering[cap.index][j], atol=1e-5), (cap.index, j)
+
+
+# -- modality sensitivity (sensitivity.json, shared by `awq` and `gguf --modality-weights auto`) -----------
+def test_sensitivity_file_schema_and_same_numbers_as_awq(runs: dict[str, Path], prepared) -> None:
+    from r1v_quant.awq import language_vision_sensitivity
+
+    data = json.loads((runs["ram"] / SENSITIVITY_FILE).read_text())
+    assert set(data) == {"format", "set_hash", "model", "modalities", "samples", "sample_ids",
+                         "token_counts", "measured", "weights"}  # fmt: skip
+    assert data["format"] == "r1v-quant-sensitivity/1" and data["modalities"] == list(MODALITIES)
+    assert data["set_hash"] == prepared.set_hash == CalibrationStats.load(runs["ram"]).set_hash
+    assert data["model"] == str(prepared.ckpt.path.resolve())
+    assert data["samples"] == sensitivity_subset([r.modality for r in prepared.rendered]) == [0, 1, 2, 3]
+    assert data["sample_ids"] == [r.id for r in prepared.rendered]
+    counts = [sum(r.count(c) for r in prepared.rendered) for c in range(3)]
+    assert data["token_counts"] == counts
+    measured, weights = torch.tensor(data["measured"]), torch.tensor(data["weights"])
+    assert weights.shape == measured.shape == (4, 3)
+    assert torch.equal(weights, language_vision_sensitivity(measured, torch.tensor(counts).float()))
+    assert (weights[:, 1] > 0).all() and torch.equal(weights[:, 1], weights[:, 2])  # language pooled
+    # exactly what `awq --modality-weights auto` computes in its own run from the same prepared set
+    assert torch.equal(modality_sensitivities(prepared, ActivationStore(), False), weights)
+    sens = read_sensitivity(runs["ram"], num_layers=4, set_hash=prepared.set_hash)
+    assert sens is not None and torch.equal(sens.weights, weights) and sens.samples == data["samples"]
+
+
+def test_sensitivity_subset_spreads_over_both_kinds() -> None:
+    from r1v_quant.awq import screen_samples
+
+    masks = [torch.tensor([VISION, PROMPT, RESPONSE] if j % 4 else [PROMPT, RESPONSE]) for j in range(24)]
+    picked = sensitivity_subset(masks)
+    assert len(picked) == SENSITIVITY_SAMPLES and picked == screen_samples(masks, SENSITIVITY_SAMPLES / 24)
+    assert {bool((masks[j] == VISION).any()) for j in picked} == {True, False}
+    assert sensitivity_subset(masks[:3]) == [0, 1, 2]  # fewer samples than that: all of them
+
+
+def test_sensitivity_file_is_written_atomically(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sens = read_sensitivity(runs["ram"])
+    assert sens is not None
+    d = tmp_path / "c"
+    write_sensitivity(sens, d)
+    before = (d / SENSITIVITY_FILE).read_bytes()
+    real = Path.write_text
+
+    def half_then_full_disk(self: Path, text: str, *a, **k) -> int:
+        real(self, text[: len(text) // 2], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    changed = Sensitivity(sens.weights * 2, sens.measured, sens.token_counts, sens.samples,
+                          sens.sample_ids, sens.set_hash)  # fmt: skip
+    with monkeypatch.context() as mp:
+        mp.setattr(Path, "write_text", half_then_full_disk)
+        with pytest.raises(R1VError, match="no space left on device"):
+            write_sensitivity(changed, d)
+    assert sorted(p.name for p in d.iterdir()) == [SENSITIVITY_FILE]  # no temporary left behind
+    assert (d / SENSITIVITY_FILE).read_bytes() == before  # the old file, whole
+    write_sensitivity(changed, d)
+    again = read_sensitivity(d)
+    assert again is not None and torch.equal(again.weights, sens.weights * 2)
+    # reading: absent -> None; broken or foreign -> one clear error
+    assert read_sensitivity(tmp_path) is None
+    (d / SENSITIVITY_FILE).write_text(json.dumps({"format": "something/9"}))
+    with pytest.raises(R1VError, match="not a valid sensitivity file"):
+        read_sensitivity(d)
+    with pytest.raises(R1VError, match="5 decoder layers, the model has 4"):
+        write_sensitivity(Sensitivity(torch.ones(5, 3), torch.ones(5, 3), torch.ones(3), [0], ["a"], "h"), d)
+        read_sensitivity(d, num_layers=4)
 
 
 def test_layer_capture_can_propagate_a_modified_layer(prepared) -> None:
@@ -394,7 +477,13 @@ def test_cli_json_and_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:
         report["set"]["samples"] == 2
         and report["set"]["text_only"] == 1
         and (out / "stats.safetensors").is_file()
+        and (out / SENSITIVITY_FILE).is_file()
+        and report["sensitivity"]["samples"] == 2
     )
+    bare = tmp_path / "bare"
+    r = runner.invoke(group, [*args[:-1], str(bare), "--no-sensitivity", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["sensitivity"] is None and not (bare / SENSITIVITY_FILE).exists()
     bad = runner.invoke(group, [*args[:-1], str(tmp_path / "d"), "--flavor", "nope"])
     assert (
         bad.exit_code == 2

@@ -19,15 +19,24 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from r1v_quant.awq import token_weights  # noqa: E402
 from r1v_quant.calibration.pipeline import calibrate  # noqa: E402
 from r1v_quant.calibration.render import MODALITIES  # noqa: E402
+from r1v_quant.calibration.sensitivity import SENSITIVITY_FILE  # noqa: E402
 from r1v_quant.calibration.stats import STATS_FILE, CalibrationStats  # noqa: E402
 from r1v_quant.checkpoint import open_checkpoint  # noqa: E402
 from r1v_quant.cli import Group  # noqa: E402
 from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.exporters import gguf_aware, gguf_llm  # noqa: E402
 from r1v_quant.exporters.cli_gguf import gguf_command  # noqa: E402
-from r1v_quant.exporters.gguf_aware import FOLD_GROUPS, AwarePlan, expand_kv  # noqa: E402
+from r1v_quant.exporters.gguf_aware import (  # noqa: E402
+    FOLD_GROUPS,
+    MODALITY_MODES,
+    AwarePlan,
+    expand_kv,
+    input_stats,
+    modality_shares,
+)
 from r1v_quant.exporters.gguf_imatrix import Imatrix, read_imatrix_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf, gguf_tensor_name  # noqa: E402
 from r1v_quant.exporters.quantize import llama_quantize  # noqa: E402
@@ -93,8 +102,24 @@ def tensors(path: Path) -> dict[str, tuple[int, np.ndarray]]:
     return {t.name: (int(t.tensor_type), np.array(t.data)) for t in gguf.GGUFReader(path).tensors}
 
 
-def auto_importance(stats: CalibrationStats, layer: int, group: str) -> np.ndarray:
-    """Mean x², each modality weighted equally, straight from the stored sums (independent of the code)."""
+def stored_weights(calib: Path) -> np.ndarray:
+    """(layers, 3) per-token modality weights, read as plain JSON from calibrate's sensitivity.json."""
+    return np.array(json.loads((calib / SENSITIVITY_FILE).read_text())["weights"], np.float64)
+
+
+def auto_importance(stats: CalibrationStats, weights: np.ndarray, layer: int, group: str) -> np.ndarray:
+    """Mean x² with each token weighted by its modality's stored sensitivity, straight from the stored
+    sums (independent of the code): Σ_c w_c Σx²_c / Σ_c w_c n_c."""
+    num = den = 0.0
+    for c, m in enumerate(MODALITIES):
+        n = int(stats.tensors[f"layers.{layer}.{group}.count.{m}"][0])
+        num = num + weights[layer, c] * stats.tensors[f"layers.{layer}.{group}.sum_sq.{m}"].double().numpy()
+        den += weights[layer, c] * n
+    return num / den
+
+
+def balanced_importance(stats: CalibrationStats, layer: int, group: str) -> np.ndarray:
+    """Mean x², each modality present weighted equally (the `balanced` mode, formerly `auto`)."""
     parts = []
     for m in MODALITIES:
         n = int(stats.tensors[f"layers.{layer}.{group}.count.{m}"][0])
@@ -159,7 +184,7 @@ def test_imatrix_is_in_the_folded_basis(out: dict[str, Path], calib: Path, tiny_
             / folded[f"blk.{layer}.{norm}.weight"][1]
         )
         assert np.ptp(s) > 0.5  # really rescaled
-        want = auto_importance(stats, layer, group) / s**2
+        want = auto_importance(stats, stored_weights(calib), layer, group) / s**2
         np.testing.assert_allclose(means[name], want, rtol=2e-4)
     # every decoder linear has an entry, sized by its input width
     spec = open_checkpoint(tiny_dir).spec
@@ -223,10 +248,142 @@ def test_imatrix_file_layout(out: dict[str, Path], calib: Path, tiny_dir: Path) 
             name = gguf_tensor_name(f"language_model.model.layers.{i}.{hf}.weight", spec.llm.num_layers)
             sums, counts = by_name[name + ".in_sum2"], by_name[name + ".counts"]
             assert list(sums.shape) == [width, 1] and list(counts.shape) == [1, 1]  # ggml ne order
-            assert int(counts.data[0, 0]) == stats.count(i, group)  # tokens of every modality
+            # tokens with weight: every modality, but vision tokens carry none where their measured
+            # sensitivity is zero (the last layer: its output at an image position predicts no answer)
+            text = stats.count(i, group, "prompt") + stats.count(i, group, "response")
+            want = stats.count(i, group) if stored_weights(calib)[i, 0] > 0 else text
+            assert int(counts.data[0, 0]) == want
     # written and read back: the same numbers
     imat = read_imatrix_gguf(path)
     assert imat.counts["blk.0.attn_k.weight"] == stats.count(0, "qkv")
+
+
+# -- modality weights: the same modes as `awq` -------------------------------------------------------------
+def test_modality_shares_are_awq_token_weights_summed_per_modality() -> None:
+    # the GGUF statistics weigh each modality by what AWQ's per-token weights add up to over its tokens
+    assert set(MODALITY_MODES) == {"auto", "balanced", "uniform", "text"}
+    sens = np.array([3e-6, 0.05, 0.05])
+    for counts in ([512, 40, 300], [0, 17, 90], [256, 0, 0], [5, 5, 0]):
+        masks = [torch.tensor([c for c, n in enumerate(counts) for _ in range(n)], dtype=torch.uint8)]
+        for mode in MODALITY_MODES:
+            w = token_weights(masks, mode, torch.tensor(sens, dtype=torch.float32))[0].double()
+            per_mod = np.array([float(w[masks[0] == c].sum()) for c in range(3)])
+            got = modality_shares(np.array(counts), mode, sens if mode == "auto" else None)
+            np.testing.assert_allclose(got, per_mod / per_mod.sum(), rtol=1e-5, atol=1e-12)
+    # auto without measured sensitivities is a programming error, named as such
+    with pytest.raises(R1VError, match="needs the measured sensitivities"):
+        modality_shares(np.array([1, 2, 3]), "auto")
+    with pytest.raises(R1VError, match="unknown --modality-weights 'equal'"):
+        modality_shares(np.array([1, 2, 3]), "equal")
+
+
+def test_auto_statistics_follow_the_stored_sensitivity(calib: Path) -> None:
+    stats, weights = CalibrationStats.load(calib), stored_weights(calib)
+    assert weights.shape == (4, 3) and (weights[:, 1] > 0).all()
+    for layer in range(4):
+        counts = np.array([stats.count(layer, "qkv", m) for m in MODALITIES], np.float64)
+        assert counts.min() > 0  # the set has vision, prompt and response tokens
+        for group in ("qkv", "o_proj", "gate_up", "down_proj"):
+            a_abs, a_sq, a_n = input_stats(stats, layer, group, "auto", weights[layer])
+            b_abs, b_sq, b_n = input_stats(stats, layer, group, "balanced")
+            np.testing.assert_allclose(a_sq, auto_importance(stats, weights, layer, group), rtol=1e-6)
+            np.testing.assert_allclose(b_sq, balanced_importance(stats, layer, group), rtol=1e-6)
+            # mean |x| takes the same per-modality shares: w_c n_c / Σ w n under auto, 1/3 each balanced
+            share = weights[layer] * counts / (weights[layer] * counts).sum()
+            means = [stats.get(layer, group, "mean_abs", m).double().numpy() for m in MODALITIES]
+            np.testing.assert_allclose(
+                a_abs, sum(w * x for w, x in zip(share, means, strict=True)), rtol=1e-6
+            )
+            np.testing.assert_allclose(b_abs, sum(means) / 3, rtol=1e-6)
+            assert not np.allclose(a_sq, b_sq, rtol=1e-3)  # the two modes really differ here
+            assert b_n == stats.count(layer, group)
+            assert a_n == (stats.count(layer, group) if weights[layer, 0] > 0 else counts[1:].sum())
+        # uniform: the stored all-token statistics, bit for bit; text: vision tokens carry no weight
+        u_abs, u_sq, _ = input_stats(stats, layer, "qkv", "uniform")
+        assert np.array_equal(u_sq, stats.importance(layer, "qkv").double().numpy())
+        t_sq = input_stats(stats, layer, "qkv", "text")[1]
+        text_only = sum(stats.get(layer, "qkv", "sum_sq", m).double() for m in ("prompt", "response"))
+        np.testing.assert_allclose(t_sq, text_only.numpy() / counts[1:].sum(), rtol=1e-6)
+
+
+def test_plan_weighs_each_layer_by_its_own_sensitivity(out: dict[str, Path], calib: Path) -> None:
+    # the activation-aware scale choice saw each layer's own measured shares (not layer 0's, not balanced)
+    report = out["f16_aware.report"]["aware"]  # type: ignore[index]
+    stats, weights = CalibrationStats.load(calib), stored_weights(calib)
+    assert report["modality_weights"] == "auto"
+    assert report["sensitivity"]["source"] == "calibration"
+    stored = json.loads((calib / SENSITIVITY_FILE).read_text())
+    assert report["sensitivity"]["samples"] == stored["sample_ids"]
+    shares = []
+    for rep in report["layers"]:
+        i = rep["layer"]
+        counts = np.array([stats.count(i, "qkv", m) for m in MODALITIES], np.float64)
+        want = weights[i] * counts / (weights[i] * counts).sum()
+        np.testing.assert_allclose(rep["modality_shares"], want, atol=2e-6)
+        shares.append(rep["modality_shares"])
+    assert len({tuple(x) for x in shares}) == 4  # layers differ: per-layer weights reach the plan
+
+
+def _copy_calib(calib: Path, dst: Path, *, keep_sensitivity: bool) -> Path:
+    shutil.copytree(calib, dst)
+    if not keep_sensitivity:
+        (dst / SENSITIVITY_FILE).unlink()
+    return dst
+
+
+def test_calibration_without_sensitivity_file(
+    tiny_dir: Path, calib: Path, out: dict[str, Path], tmp_path: Path
+) -> None:
+    # An older calibration (no sensitivity.json): `auto` measures it from the model and the set that
+    # report.json records, the same numbers calibrate stores, so the same importance matrix; nothing is
+    # written into the calibration folder.
+    old = _copy_calib(calib, tmp_path / "old", keep_sensitivity=False)
+    before = sorted(p.name for p in old.iterdir())
+    rep = export_llm_gguf(tiny_dir, tmp_path / "a" / "m.gguf", "F16", progress=False, calib=old)
+    assert rep["aware"]["sensitivity"]["source"] == "measured"
+    assert sorted(p.name for p in old.iterdir()) == before
+    assert not list((tmp_path / "a").glob(".r1v-sensitivity-*"))  # the spill folder is gone
+    got = read_imatrix_gguf(tmp_path / "a" / "m.imatrix.gguf").means()
+    ref = export_llm_gguf(tiny_dir, tmp_path / "b" / "m.gguf", "F16", progress=False, calib=calib)
+    assert ref["aware"]["sensitivity"]["source"] == "calibration"
+    want = read_imatrix_gguf(tmp_path / "b" / "m.imatrix.gguf").means()
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5)
+    # and against balanced, auto's importance differs (the modes are not the same thing)
+    bal = export_llm_gguf(
+        tiny_dir, tmp_path / "c" / "m.gguf", "F16", progress=False, calib=old, modality_weights="balanced"
+    )
+    assert "sensitivity" not in bal["aware"]  # balanced never needs the measurement
+    balanced = read_imatrix_gguf(tmp_path / "c" / "m.imatrix.gguf").means()
+    assert not np.allclose(balanced["blk.0.attn_q.weight"], want["blk.0.attn_q.weight"], rtol=1e-3)
+
+    # the recorded set cannot be rebuilt: one clear error saying how to fix it, nothing written
+    moved = _copy_calib(calib, tmp_path / "moved", keep_sensitivity=False)
+    report = json.loads((moved / "report.json").read_text())
+    report["set"]["source"] = str(tmp_path / "gone")
+    (moved / "report.json").write_text(json.dumps(report))
+    o = tmp_path / "o"
+    with pytest.raises(R1VError, match="no sensitivity.json, and its set does not reload.*re-run `r1v-q"):
+        export_llm_gguf(tiny_dir, o / "m.gguf", "F16", progress=False, calib=moved)
+    report["set"]["source"], report["seed"] = "default", 1  # reloads, but as another set
+    (moved / "report.json").write_text(json.dumps(report))
+    with pytest.raises(R1VError, match="now has hash .* not the calibrated .*--modality-weights balanced"):
+        export_llm_gguf(tiny_dir, o / "m.gguf", "F16", progress=False, calib=moved)
+    assert not o.exists() or not any(o.iterdir())
+
+    # a sensitivity file that does not belong to these statistics, or is not one, is refused
+    bad = _copy_calib(calib, tmp_path / "bad", keep_sensitivity=True)
+    data = json.loads((bad / SENSITIVITY_FILE).read_text())
+    (bad / SENSITIVITY_FILE).write_text(json.dumps({**data, "set_hash": "sha256:" + "0" * 64}))
+    with pytest.raises(R1VError, match="measured on calibration set sha256:0000"):
+        export_llm_gguf(tiny_dir, o / "m.gguf", "F16", progress=False, calib=bad)
+    (bad / SENSITIVITY_FILE).write_text(json.dumps({**data, "weights": data["weights"][:3]}))
+    with pytest.raises(R1VError, match="not a valid sensitivity file"):
+        export_llm_gguf(tiny_dir, o / "m.gguf", "F16", progress=False, calib=bad)
+    (bad / SENSITIVITY_FILE).write_text(json.dumps(data)[:100])
+    with pytest.raises(R1VError, match="cannot read sensitivity"):
+        export_llm_gguf(tiny_dir, o / "m.gguf", "F16", progress=False, calib=bad)
 
 
 # -- split files -------------------------------------------------------------------------------------------
@@ -344,6 +501,13 @@ def test_cli(tiny_dir: Path, calib: Path, tmp_path: Path) -> None:
     assert meta.get_field("r1v_quant.activation_aware").contents() is True
     assert meta.get_field("quantize.imatrix.entries_count").contents() == 28
     assert {t.tensor_type for t in meta.tensors if t.name.endswith("attn_q.weight")} == {Q.Q4_0}  # pure
+    r = runner.invoke(
+        _cli(), [*args, "--type", "F16", "--calib", str(calib), "--modality-weights", "balanced", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["llm"]["aware"]["modality_weights"] == "balanced"
+    r = runner.invoke(_cli(), [*args, "--type", "F16", "--calib", str(calib), "--modality-weights", "equal"])
+    assert r.exit_code == 2 and "'equal' is not one of 'auto', 'balanced', 'uniform', 'text'" in r.output
     for bad, msg in [
         (["--type", "Q4_K_M", "--activation-aware"], "--activation-aware needs --calib"),
         (["--type", "Q8_0", "--split-max-size", "lots"], "cannot read memory size"),
