@@ -25,16 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from replica_scoring import KINDS, kld_by_kind, model_or_tiny
 
 from r1v_quant.calibration.pipeline import calibrate
 from r1v_quant.evalset import Window, heldout_windows, window_logits
 from r1v_quant.exporters.gguf_aware import MODALITY_MODES
 from r1v_quant.exporters.gguf_llm import export_llm_gguf
 from r1v_quant.llamacpp_runtime import LlamaCppRuntime
-from r1v_quant.metrics import kld_summary, token_kld
 from r1v_quant.model import R1VModel
-
-KINDS = ("text", "image")
 
 
 def llama_window_logits(
@@ -46,18 +44,6 @@ def llama_window_logits(
             torch.from_numpy(rt.logits(w.input_ids.tolist(), e))[w.score]
             for w, e in zip(windows, embeds, strict=True)
         ]
-
-
-def score(ref: list[torch.Tensor], cand: list[torch.Tensor], windows: list[Window]) -> dict[str, dict]:
-    out = {}
-    for kind in KINDS:
-        idx = [i for i, w in enumerate(windows) if w.kind == kind]
-        if not idx:
-            continue
-        r = torch.cat([ref[i] for i in idx])
-        c = torch.cat([cand[i] for i in idx])
-        out[kind] = kld_summary(token_kld(r, c), r, c)
-    return out
 
 
 def main() -> None:
@@ -80,12 +66,7 @@ def main() -> None:
     rows: dict[tuple[str, str], tuple[float, int, dict]] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model_dir = args.model
-        if model_dir is None:
-            from r1v_quant.tiny import TinyOptions, build_tiny
-
-            model_dir = tmp / "tiny"
-            build_tiny(model_dir, TinyOptions())
+        model_dir = model_or_tiny(args.model, tmp)
         ref_model = R1VModel.from_checkpoint(model_dir)
         windows = heldout_windows(model_dir, ref_model.spec, args.eval, args.eval)
         ref = window_logits(ref_model, windows)
@@ -110,7 +91,7 @@ def main() -> None:
             rep = export_llm_gguf(model_dir, out, t, progress=False, **kw)
             secs = time.perf_counter() - t0
             cand = llama_window_logits(out, windows, embeds, args.threads)
-            rows[(t, variant)] = (secs, rep["bytes"], score(ref, cand, windows))
+            rows[(t, variant)] = (secs, rep["bytes"], kld_by_kind(ref, cand, windows))
             print(f"done {t} {variant} ({secs:.1f} s)", flush=True)
     n_text = sum(1 for w in windows if w.kind == "text")
     print(

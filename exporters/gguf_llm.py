@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import math
 import os
 import shutil
 import tempfile
@@ -49,7 +48,7 @@ from .gguf_aware import (
     plan_aware,
 )
 from .gguf_common import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
-from .gguf_common import import_gguf, llama_log, quantize_rows
+from .gguf_common import add_tensor_infos, import_gguf, llama_log, quantize_rows, tensor_nbytes, write_header
 from .gguf_imatrix import write_imatrix_gguf
 from .gguf_vocab import add_vocab, load_vocab
 from .quantize import (
@@ -136,11 +135,7 @@ def plan_tensors(ckpt: Checkpoint, gguf_type: str) -> list[PlannedTensor]:
             qtype = q.F16  # the block does not divide the row: the converter's fallback
         else:
             qtype = target
-        if qtype in (q.F32, q.F16):
-            nbytes = math.prod(shape) * (4 if qtype == q.F32 else 2)
-        else:
-            nbytes = math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
-        plan.append(PlannedTensor(hf_name, name, shape, qtype, nbytes))
+        plan.append(PlannedTensor(hf_name, name, shape, qtype, tensor_nbytes(shape, qtype)))
     if not any(p.name.startswith("token_embd.") for p in plan):
         raise R1VError(f"{ckpt.path}: no language_model.model.embed_tokens.weight in the checkpoint")
     return plan
@@ -233,13 +228,9 @@ def write_llm_gguf(
         add_vocab(writer, vocab)
         writer.add_string(FLAVOR_KEY, spec.flavor)  # which chat template family; llama.cpp ignores it
         add_meta(writer, meta or {})
-        for t in plan:
-            # The logical shape with raw_dtype: the writer stores it (reversed) and trusts our byte count.
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        add_tensor_infos(writer, plan)
         files = writer.format_shard_names(Path(path))
-        writer.write_header_to_file(path=Path(path))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        write_header(writer, path)
         for t in tqdm(plan, desc=f"GGUF {gguf_type}", unit="tensor", disable=not progress):
             writer.write_tensor_data(_convert(ckpt, t))
     finally:
@@ -284,9 +275,7 @@ def split_gguf(src: Path, dst: Path, max_size: int) -> list[Path]:
                 t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type
             )
         files = writer.format_shard_names(dst)
-        writer.write_header_to_file(path=dst)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        write_header(writer, dst)
         for t in r.tensors:
             writer.write_tensor_data(t.data)
     finally:
