@@ -5,7 +5,11 @@ separate process quantizing with the same calibration settings, so activations a
 only the number of layers differs. Streaming means one layer is resident at a time, so the peak should
 not grow with depth.
 
+It also prints the preflight plan's predicted peak RSS, cached-activation bytes, spill and time
+(calibration/job_plan.py) next to the measured ones.
+
     python bench/awq_rss.py [--layers 4] [--hidden 512] [--ffn 1536] [--samples 4] [--seq-len 512]
+                            [--max-memory auto]
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ CHILD = r"""
 import json, sys, time
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
 t0 = time.perf_counter()
-quantize_awq(sys.argv[1], sys.argv[2], AWQOptions(samples=int(sys.argv[3]), seq_len=int(sys.argv[4])),
-             progress=False)
+r = quantize_awq(sys.argv[1], sys.argv[2], AWQOptions(samples=int(sys.argv[3]), seq_len=int(sys.argv[4]),
+                 max_memory=sys.argv[5]), progress=False)
 peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-print(json.dumps({"peak": int(peak.split()[1]) * 1024, "seconds": time.perf_counter() - t0}))
+plan, mem = r["plan"], r["memory"]
+print(json.dumps({"peak": int(peak.split()[1]) * 1024, "seconds": time.perf_counter() - t0,
+                  "predicted": plan["predicted_peak_bytes"], "phase": plan["peak_phase"],
+                  "acts_predicted": plan["cache_peak_bytes"], "acts_measured": mem["peak_cached_ram_bytes"],
+                  "spill_predicted": plan["predicted_spill_bytes"],
+                  "spill_measured": mem["peak_spill_disk_bytes"],
+                  "est_seconds": plan["estimated_seconds"]}))
 """
 
 
@@ -65,6 +75,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-memory", default="auto", help="passed to awq (e.g. 1MB to make it spill)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -80,6 +91,7 @@ def main() -> None:
                     str(root / f"out{n}"),
                     str(args.samples),
                     str(args.seq_len),
+                    args.max_memory,
                 ],
                 capture_output=True,
                 text=True,
@@ -89,9 +101,18 @@ def main() -> None:
             rows[n] = json.loads(r.stdout.strip().splitlines()[-1])
             rows[n]["bytes"] = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     mb = 1024**2
-    print(f"{'decoder layers':<16}{'weights MB':>12}{'peak RSS MB':>13}{'seconds':>9}")
+    print(
+        f"{'decoder layers':<16}{'weights MB':>12}{'peak RSS MB':>13}{'planned MB':>12}{'ratio':>7}"
+        f"{'seconds':>9}{'planned s':>11}  cached activations in RAM planned / measured, "
+        "spill planned / measured (bytes)"
+    )
     for n, r in rows.items():
-        print(f"{n:<16}{r['bytes'] / mb:>12.0f}{r['peak'] / mb:>13.0f}{r['seconds']:>9.1f}")
+        print(
+            f"{n:<16}{r['bytes'] / mb:>12.0f}{r['peak'] / mb:>13.0f}{r['predicted'] / mb:>12.0f}"
+            f"{r['predicted'] / r['peak']:>7.2f}{r['seconds']:>9.1f}{r['est_seconds']:>11.1f}  "
+            f"{r['acts_predicted']} / {r['acts_measured']}, {r['spill_predicted']} / {r['spill_measured']}"
+            f" (peak phase: {r['phase']})"
+        )
     small, big = rows[args.layers], rows[4 * args.layers]
     ratio = big["peak"] / small["peak"]
     print(

@@ -26,7 +26,13 @@ def _size(n: int | None) -> str:
 @click.option("--samples", type=int, default=64, show_default=True, help="Samples to use.")
 @click.option("--seq-len", type=int, default=4096, show_default=True, help="Max tokens per sample.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output folder (new).")
-@click.option("--max-memory", default=None, help="RAM for cached activations, e.g. 2GB; the rest spills.")
+@click.option(
+    "--max-memory",
+    default="auto",
+    show_default=True,
+    help="RAM for cached activations, the rest spills to disk: auto (what this machine's available memory "
+    "leaves after the run's working set and a 10%% margin), a size (2GB, 0 = spill all) or none (no budget).",
+)
 @click.option(
     "--text-ratio", type=float, default=0.25, show_default=True, help="Text-only share (default set)."
 )
@@ -77,6 +83,7 @@ def calibrate_command(
         f"wrote {out}: {report['set']['samples']} samples, {t['total']} tokens "
         f"(vision {t['vision']}, prompt {t['prompt']}, response {t['response']}), "
         f"{report['layers']} layers, {report['tokens_per_second']} tokens/s, "
-        f"spilled {_size(mem['spilled_bytes'])}, set {report['set']['hash'][:19]}"
+        f"spilled {_size(mem['spilled_bytes'])}, peak RSS {_size(mem['peak_rss_bytes'])} "
+        f"(planned {_size(report['plan']['predicted_peak_bytes'])}), set {report['set']['hash'][:19]}"
         + (f", sensitivity of {sens['samples']} samples ({sens['seconds']} s)" if sens else "")
     )

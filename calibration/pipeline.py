@@ -7,7 +7,6 @@ the per-layer modality sensitivity (sensitivity.py) -> sensitivity.json.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -24,11 +23,12 @@ from r1v_quant.errors import R1VError
 
 from .capture import iter_layers
 from .dataset import CalibrationSet
+from .job_plan import JobPlan, check_plan, peak_rss_bytes, plan_job
 from .loaders import load_set
 from .render import MODALITIES, RenderedSample, Renderer
 from .sensitivity import SENSITIVITY_FILE, measure_sensitivity, write_sensitivity
 from .stats import FORMAT, LINEAR_GROUPS, STATS_FILE
-from .store import ActivationStore, parse_size
+from .store import ActivationStore, parse_max_memory
 
 REPORT_FILE = "report.json"
 MANIFEST_COPY = "set_manifest.jsonl"
@@ -83,7 +83,7 @@ def calibrate(
     samples: int = 64,
     seq_len: int = 4096,
     out_dir: Path | str = "calibration",
-    max_memory: str | int | None = None,
+    max_memory: str | int | None = "auto",
     *,
     text_ratio: float = 0.25,
     seed: int = 0,
@@ -93,11 +93,15 @@ def calibrate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write `out_dir/stats.safetensors`, `report.json`, `set_manifest.jsonl` and (`sensitivity`)
-    `sensitivity.json`, all at once (atomically); return the report."""
+    `sensitivity.json`, all at once (atomically); return the report.
+
+    `max_memory`: "auto" (fit to this machine, job_plan.py), a size, or None / "none" (no budget). The
+    plan (peak RAM, spill, FLOPs) is made after the samples are rendered and before any forward pass; a
+    run that cannot fit memory or disk is refused there."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # fail before minutes of work, not after
-    budget = parse_size(max_memory)
+    wanted = parse_max_memory(max_memory)
     prep = prepare(
         model_dir,
         set_spec,
@@ -108,6 +112,11 @@ def calibrate(
         flavor=flavor,
         progress=progress,
     )
+    # the spill folder lives inside the output's temporary sibling: same file system as out_dir.parent
+    plan = plan_job("calibrate", prep, budget=wanted, spill_dir=out_dir.parent, sensitivity=sensitivity)
+    check_plan(plan)
+    show_plan(plan, progress)
+    budget = plan.budget
     t_prep = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         store = ActivationStore(budget, tmp / ".spill")
@@ -129,6 +138,7 @@ def calibrate(
             prep, model_dir, set_spec, seq_len, seed, text_ratio, budget, store, seconds, t_prep - t0,
             t_capture - t_prep,
         )  # fmt: skip
+        report["plan"] = plan.to_json()
         report["sensitivity"] = None
         if sens is not None:
             write_sensitivity(sens, tmp)
@@ -157,9 +167,10 @@ def calibrate(
     return report
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+def show_plan(plan: JobPlan, progress: bool) -> None:
+    """The plan's compact block on stderr before the run (not with --json: the report carries it)."""
+    if progress:
+        print(plan.summary(), file=sys.stderr, flush=True)
 
 
 def _report(
@@ -210,7 +221,7 @@ def _report(
             "peak_cached_ram_bytes": store.peak_mem_bytes,
             "spilled_bytes": store.spilled_total,
             "peak_spill_disk_bytes": store.peak_disk_bytes,
-            "peak_rss_bytes": _peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
         },
         "seconds": round(seconds, 3),
         "prepare_seconds": round(prep_seconds, 3),

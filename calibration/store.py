@@ -46,6 +46,26 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+AUTO = "auto"
+NO_BUDGET = ("none", "off", "unlimited")
+
+
+def parse_max_memory(text: str | int | None) -> int | str | None:
+    """--max-memory: "auto" -> "auto" (job_plan fits the budget to this machine's available memory);
+    "none" / "off" / "unlimited" / None -> None (no budget: every activation stays in RAM); a size ->
+    bytes ("0": spill everything)."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(text, str) and text.strip().lower() in NO_BUDGET:
+        return None
+    try:
+        return parse_size(text)
+    except R1VError:
+        raise R1VError(
+            f"cannot read memory size {text!r} for --max-memory (auto, none, or a size: 2GB, 512MiB, 0)"
+        ) from None
+
+
 @dataclass(frozen=True)
 class _Spilled:
     path: Path

@@ -26,7 +26,11 @@ from r1v_quant.hub import model_argument
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
-    "--max-memory", default=None, help="Budget for cached activations, e.g. 8GB (beyond it they spill)."
+    "--max-memory",
+    default="auto",
+    show_default=True,
+    help="RAM for cached activations, the rest spills to disk: auto (what this machine's available memory "
+    "leaves after the run's working set and a 10%% margin), a size (8GB, 0 = spill all) or none (no budget).",
 )
 @click.option(
     "--modality-weights",
@@ -90,9 +94,11 @@ def awq_command(
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    fb = report["fallback_layers"]
+    fb, mb = report["fallback_layers"], 1e6
     click.echo(
         f"wrote {out}: {len(report['layers'])} layers, block-output loss {report['loss_sum']:.3e} "
         f"(round-to-nearest {report['loss_rtn_sum']:.3e}), plain-rounding fallbacks: {fb or 'none'}, "
-        f"calibration set {report['calibration_set_hash'][:12]}"
+        f"calibration set {report['calibration_set_hash'][:12]}, peak RSS "
+        f"{report['memory']['peak_rss_bytes'] / mb:.0f} MB "
+        f"(planned {report['plan']['predicted_peak_bytes'] / mb:.0f} MB)"
     )

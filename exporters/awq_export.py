@@ -55,7 +55,7 @@ class AWQOptions:
     method: str = "awq"  # awq | rtn
     propagate: str = "fp"  # fp: next layer sees 16-bit outputs | quant: the quantized layer's outputs
     device: str = "auto"
-    max_memory: str | None = None
+    max_memory: str | None = "auto"  # auto | a size | none (calibration/store.py parse_max_memory)
 
     def fingerprint(self, model_dir: Path) -> str:
         # everything that changes the result; --resume refuses to continue a run made with other settings
@@ -120,8 +120,11 @@ def quantize_awq(
     on_layer: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests."""
-    from r1v_quant.calibration import ActivationStore, iter_layers, parse_size, prepare
+    from r1v_quant.calibration import ActivationStore, iter_layers, prepare
+    from r1v_quant.calibration.job_plan import check_plan, peak_rss_bytes, plan_job
+    from r1v_quant.calibration.pipeline import show_plan
     from r1v_quant.calibration.sensitivity import modality_sensitivities  # shared with calibrate / gguf
+    from r1v_quant.calibration.store import parse_max_memory
 
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -131,7 +134,7 @@ def quantize_awq(
     if opts.propagate not in ("fp", "quant"):
         raise R1VError(f"unknown --propagate {opts.propagate!r}: expected fp or quant")
     device = resolve_device(opts.device)
-    budget = parse_size(opts.max_memory)
+    wanted = parse_max_memory(opts.max_memory)
     # plain rounding searches nothing: its reported loss needs no measured sensitivities
     mode = opts.modality_weights if opts.method == "awq" else "uniform"
     cfg = AWQConfig(group_size=opts.group_size, modality_weights=mode)
@@ -145,12 +148,8 @@ def quantize_awq(
                 f"--resume: {work} was made with other settings or another model; "
                 "remove it or run without --resume"
             )
-        if not resume:
-            shutil.rmtree(work)  # an old interrupted run: start over
     elif resume:
         raise R1VError(f"--resume: nothing to resume for {out} (no {work.name})")
-    (work / "layers").mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}, indent=2))
 
     prep = prepare(
         model_dir,
@@ -161,9 +160,28 @@ def quantize_awq(
         seed=opts.seed,
         progress=progress,
     )
+    # memory, disk and time before anything heavy (or anything written): refuse what cannot finish
+    plan = plan_job(
+        "awq",
+        prep,
+        budget=wanted,
+        spill_dir=out.parent,  # the work folder (spill + finished layers) and the output live there
+        sensitivity=cfg.modality_weights == "auto",
+        method=opts.method,
+        device=device.type,
+        propagate_quant=opts.propagate == "quant",
+        group_size=opts.group_size,
+    )
+    check_plan(plan)
+    show_plan(plan, progress)
+    if work.exists() and not resume:
+        shutil.rmtree(work)  # an old interrupted run: start over
+    (work / "layers").mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}, indent=2))
     ckpt = prep.ckpt
     layer_reports: list[dict] = []
-    store = ActivationStore(budget, work / "spill")
+    store = ActivationStore(plan.budget, work / "spill")
+    longest = max(r.length for r in prep.rendered)
     t_prep = time.perf_counter()
     sens = modality_sensitivities(prep, store, progress) if cfg.modality_weights == "auto" else None
     t_sens = time.perf_counter()
@@ -181,10 +199,13 @@ def quantize_awq(
                 report["resumed"] = True
             else:
                 layer = cap.layer.to(device)
-                cos, sin = cap.rope(max(len(x) for x in cap.inputs))
+                cos, sin = cap.rope(longest)
                 cos, sin = cos.to(device), sin.to(device)
-                inputs = [x.to(device) for x in cap.inputs]
-                targets = [y.to(device) for y in cap.outputs]
+                if device.type == "cpu":  # the store's lists: spilled samples are read back when used,
+                    inputs, targets = cap.inputs, cap.outputs  # so --max-memory bounds the search too
+                else:
+                    inputs = [x.to(device) for x in cap.inputs]
+                    targets = [y.to(device) for y in cap.outputs]
                 res = quantize_layer(
                     cap.index,
                     layer,
@@ -224,6 +245,16 @@ def quantize_awq(
         layer_reports,
         timings={"prepare": t_prep - t0, "sensitivity": t_sens - t_prep, "search": t_search - t_sens},
         progress=progress,
+        extra={
+            "plan": plan.to_json(),
+            "memory": {
+                "max_memory_bytes": plan.budget,
+                "peak_cached_ram_bytes": store.peak_mem_bytes,
+                "spilled_bytes": store.spilled_total,
+                "peak_spill_disk_bytes": store.peak_disk_bytes,
+                "peak_rss_bytes": peak_rss_bytes(),  # before assembly (which streams tensor by tensor)
+            },
+        },
     )
     shutil.rmtree(work, ignore_errors=True)
     return report
@@ -259,6 +290,7 @@ def _assemble(
     layer_reports: list[dict],
     timings: dict[str, float],
     progress: bool,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = ckpt.spec
@@ -306,6 +338,7 @@ def _assemble(
                 **{k: round(v, 2) for k, v in timings.items()},
                 "assemble": round(time.perf_counter() - t0, 2),
             },
+            **(extra or {}),
         }
         (tmp / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_card(tmp, awq_card(report, model_dir, tmp, out_name=str(out)))

@@ -433,3 +433,72 @@ def test_disk_full_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -
     with pytest.raises(R1VError, match="no space left"):
         quantize_awq(tiny_dir, out, AWQOptions(samples=2, seq_len=256, method="rtn"), progress=False)
     assert not out.exists()
+
+
+# -- preflight plan (calibration/job_plan.py) ----------------------------------------------------------------
+def test_plan_in_report_predicts_the_store(awq_run) -> None:
+    out, report, _ = awq_run
+    plan, mem = report["plan"], report["memory"]
+    assert json.loads((out / "quant_report.json").read_text())["plan"] == plan
+    assert plan["job"] == "awq" and plan["budget_source"] == "auto"  # the default
+    assert plan["activation_bytes"] == mem["peak_cached_ram_bytes"] > 0  # the store, replayed exactly
+    assert plan["predicted_spill_bytes"] == mem["peak_spill_disk_bytes"] == 0
+    names = {t["name"] for t in plan["terms"]}
+    assert {
+        "search.layer",
+        "search.reference_copy",
+        "search.loss_token_buffers",
+        "sensitivity.lm_head",
+    } <= names
+    assert plan["flops"]["search"] > 0 and plan["estimated_seconds"] > 0 and mem["peak_rss_bytes"] > 0
+
+
+def test_spilling_search_matches_and_plan_predicts_spill(awq_run, tiny_dir: Path, tmp_path: Path) -> None:
+    """A tiny budget: the search reads spilled activations back lazily; same files, predicted spill exact."""
+    out_full, _, _ = awq_run
+    out = tmp_path / "spilled"
+    opts = AWQOptions(samples=OPTS.samples, seq_len=OPTS.seq_len, max_memory="200KB")
+    report = quantize_awq(tiny_dir, out, opts, progress=False)
+    plan, mem = report["plan"], report["memory"]
+    assert (
+        plan["budget_bytes"] == 200_000
+        and plan["cache_peak_bytes"] == mem["peak_cached_ram_bytes"] <= 200_000
+    )
+    assert plan["predicted_spill_bytes"] == mem["peak_spill_disk_bytes"] > 0
+    for s in sorted(p.name for p in out_full.glob("*.safetensors")):
+        assert (out / s).read_bytes() == (out_full / s).read_bytes(), s
+
+
+def test_preflight_refusals_leave_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil as sh
+
+    import r1v_quant.calibration.job_plan as jp
+
+    opts = AWQOptions(samples=2, seq_len=256)
+    out = tmp_path / "out"
+    real = sh.disk_usage
+    with monkeypatch.context() as m:
+        m.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
+        with pytest.raises(R1VError, match="not enough disk at .* outputs"):
+            quantize_awq(tiny_dir, out, opts, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(jp, "mem_available", lambda: 50 * 10**6)
+        with pytest.raises(R1VError, match=r"needs about .* RAM .*--seq-len or --device cuda"):
+            quantize_awq(tiny_dir, out, opts, progress=False)
+    assert sorted(tmp_path.iterdir()) == []  # no output, no work folder
+
+
+def test_awq_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from r1v_quant.cli import Group
+    from r1v_quant.exporters.awq_cli import awq_command
+
+    out = tmp_path / "q"
+    args = ["awq", str(tiny_dir), "--out", str(out), "--samples", "2", "--seq-len", "256", "--method", "rtn"]
+    r = CliRunner().invoke(Group(commands={"awq": awq_command}), [*args, "--max-memory", "none", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["plan"]["budget_source"] == "none" and report["plan"]["budget_bytes"] is None
+    assert report["plan"]["activation_bytes"] == report["memory"]["peak_cached_ram_bytes"]
+    assert "sensitivity" not in report["plan"]["flops"]  # plain rounding measures no sensitivity

@@ -490,3 +490,120 @@ def test_cli_json_and_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:
         and bad.stderr.strip().startswith("error:")
         and len(bad.stderr.strip().splitlines()) == 1
     )
+
+
+# -- preflight plan (calibration/job_plan.py) and --max-memory auto ------------------------------------------
+def _38b_text_samples(n: int = 64, tokens: int = 4096):
+    from r1v_quant.calibration.job_plan import SampleShape
+
+    return [SampleShape(tokens, 0, tokens // 2) for _ in range(n)]
+
+
+def test_plan_38b_terms_by_hand() -> None:
+    """One Qwen2-32B layer, the lm_head, the cached activations and the capture FLOPs at 38B, by hand."""
+    from r1v_quant.artifact import Geometry
+    from r1v_quant.calibration.job_plan import plan_flops, plan_terms, replay_store
+    from r1v_quant.presets import preset_spec
+
+    spec = preset_spec("r1v-38b")
+    samples = _38b_text_samples()
+    subset = list(range(8))
+    terms = {t.name: t.bytes for t in plan_terms("awq", spec, samples, subset)}
+    h, kv, f, vocab = 5120, 1024, 27648, 152064
+    layer = h * h + 2 * h * kv + h * h + 3 * h * f + (h + 2 * kv) + 2 * h  # q k v o, mlp, biases, norms
+    assert layer == 487_605_248
+    assert terms["search.layer"] == terms["search.reference_copy"] == terms["capture.layer"] == 4 * layer
+    assert terms["sensitivity.lm_head"] == vocab * h * (4 + 2)  # fp32 + its bf16 source
+    assert terms["embed.table"] == vocab * h * 2
+    x = 4096 * h * 4  # one sample's hidden states, fp32
+    st = replay_store("calibrate", Geometry.from_spec(spec), samples, subset, None)
+    assert st.phase_peak["capture"] == 2 * 64 * x  # inputs + outputs of every sample
+    # sensitivity, 64 layers, checkpoints every 8: the top segment's 8 recomputed inputs, the 7
+    # checkpoints below it and the gradients, for 8 samples
+    assert st.phase_peak["sensitivity"] == (7 + 8 + 1) * 8 * x
+    assert st.phase_peak["sensitivity_head"] == (8 + 2) * 8 * x  # checkpoints + top outputs + gradients
+    flops = plan_flops("calibrate", spec, samples, None)
+    lin = layer - (h + 2 * kv) - 2 * h
+    assert flops["capture"] == pytest.approx(64 * 64 * (2 * lin * 4096 + 2 * 40 * 128 * 4096**2))
+
+
+def test_auto_budget_from_faked_memavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import r1v_quant.calibration.job_plan as jp
+    from r1v_quant.calibration.store import parse_max_memory
+    from r1v_quant.presets import preset_spec
+
+    assert parse_max_memory("auto") == "auto" and parse_max_memory(" AUTO ") == "auto"
+    assert parse_max_memory("none") is None and parse_max_memory(None) is None
+    assert parse_max_memory("0") == 0 and parse_max_memory("2GB") == 2 * 10**9
+    spec, samples = preset_spec("r1v-38b"), _38b_text_samples()
+    rate = {"cpu": 100.0}
+    monkeypatch.setattr(jp, "mem_available", lambda: 12 * 10**9)
+    p = jp.make_plan(
+        "calibrate", spec, samples, list(range(8)), budget="auto", spill_dir=tmp_path, gflops=rate
+    )
+    margin = int(0.10 * 12e9)
+    assert p.available_bytes == 12 * 10**9 and p.margin_bytes == margin
+    assert p.budget == 12 * 10**9 - margin - p.working_peak
+    assert p.activation_bytes == 2 * 64 * 4096 * 5120 * 4 > p.budget > 0
+    assert p.spill_bytes > 0 and p.peak_bytes <= 12 * 10**9 - margin
+    assert p.seconds == pytest.approx(sum(p.flops.values()) / 100e9)
+    # plenty of memory: nothing spills; a plain size and none behave as written
+    monkeypatch.setattr(jp, "mem_available", lambda: 10**12)
+    big = jp.make_plan("calibrate", spec, samples, None, budget="auto", spill_dir=tmp_path, gflops=rate)
+    assert big.spill_bytes == 0 and big.budget > big.activation_bytes
+    fixed = jp.make_plan("calibrate", spec, samples, None, budget=10**9, spill_dir=tmp_path, gflops=rate)
+    assert fixed.budget == 10**9 and fixed.budget_source == "size" and fixed.spill_bytes > 0
+    none = jp.make_plan("calibrate", spec, samples, None, budget=None, spill_dir=tmp_path, gflops=rate)
+    assert none.budget is None and none.spill_bytes == 0 and none.peak_bytes > fixed.peak_bytes
+    # too little memory for the working set alone: refused with what to change
+    monkeypatch.setattr(jp, "mem_available", lambda: 2 * 10**9)
+    small = jp.make_plan("awq", spec, samples, None, budget="auto", spill_dir=tmp_path, gflops=rate)
+    assert small.budget == 0
+    with pytest.raises(R1VError, match=r"RAM besides cached activations.*--samples.*--device cuda"):
+        jp.check_plan(small)
+
+
+def test_plan_predicts_the_store_exactly(runs: dict[str, Path]) -> None:
+    """The replayed store equals the real one: peak RAM unbudgeted, peak spill under a 1 KB budget."""
+    ram = json.loads((runs["ram"] / "report.json").read_text())
+    spill = json.loads((runs["spill"] / "report.json").read_text())
+    assert ram["plan"]["activation_bytes"] == ram["memory"]["peak_cached_ram_bytes"] > 0
+    assert ram["plan"]["budget_source"] == "none" and ram["plan"]["predicted_spill_bytes"] == 0
+    assert spill["plan"]["budget_bytes"] == 1000 == spill["memory"]["max_memory_bytes"]
+    assert spill["plan"]["predicted_spill_bytes"] == spill["memory"]["peak_spill_disk_bytes"] > 0
+    for r in (ram, spill):
+        assert r["plan"]["predicted_peak_bytes"] > 0 and r["plan"]["estimated_seconds"] > 0
+        assert r["plan"]["flops"]["capture"] > 0 and r["plan"]["flops"]["sensitivity"] > 0
+
+
+def test_disk_full_refusal_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil as sh
+
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "out"
+    with pytest.raises(R1VError, match="not enough disk at .*spill .* of activations"):
+        calibrate(tiny_dir, "default", 2, 256, out, "0", progress=False)
+    _nothing_written(out)
+
+
+def test_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from r1v_quant.calibration.cli import calibrate_command
+    from r1v_quant.cli import Group
+
+    out = tmp_path / "c"
+    args = ["calibrate", str(tiny_dir), "--samples", "2", "--seq-len", "256", "--out", str(out)]
+    r = CliRunner().invoke(
+        Group(commands={"calibrate": calibrate_command}), [*args, "--no-sensitivity", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    plan = report["plan"]
+    assert plan["job"] == "calibrate" and plan["budget_source"] == "auto"  # the default
+    assert plan["activation_bytes"] == report["memory"]["peak_cached_ram_bytes"]
+    names = {t["name"] for t in plan["terms"]}
+    assert {"runtime.base", "capture.layer", "cache.capture", "embed.table"} <= names
+    assert "sensitivity.lm_head" not in names and "sensitivity" not in plan["flops"]
+    assert json.loads((out / "report.json").read_text())["plan"]["job"] == "calibrate"
