@@ -69,10 +69,12 @@ def dequantize_awq(
     return unpack_awq(qweight, qzeros, scales).dequantize(dtype)
 
 
-def awq_state_dict(ckpt, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Full-precision state dict of an AWQ checkpoint (decoder linears dequantized), for the CPU loader.
-
-    `ckpt` is an r1v_quant.checkpoint.Checkpoint; tensors are read one at a time.
+def awq_state_dict(
+    ckpt, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Dense state dict of an AWQ checkpoint (decoder linears dequantized) on `device`, for r1v-quant's
+    own loader (checks, profiler, chat). `ckpt` is an r1v_quant.checkpoint.Checkpoint; tensors are read
+    and dequantized one at a time on the host, then moved.
     """
     state: dict[str, torch.Tensor] = {}
     for name in ckpt.names():
@@ -82,7 +84,7 @@ def awq_state_dict(ckpt, dtype: torch.dtype = torch.float32) -> dict[str, torch.
             base = name[: -len(".qweight")]
             state[f"{base}.weight"] = dequantize_awq(
                 ckpt.get(name), ckpt.get(f"{base}.qzeros"), ckpt.get(f"{base}.scales"), dtype
-            )
+            ).to(device)
         else:
-            state[name] = ckpt.get(name).to(dtype)
+            state[name] = ckpt.get(name).to(device=device, dtype=dtype)
     return state

@@ -21,6 +21,7 @@ from r1v_quant import __version__
 from r1v_quant.artifact import Artifact
 from r1v_quant.atomic import atomic_dir
 from r1v_quant.bench_sets import BenchSet
+from r1v_quant.eval_backends import RuntimeOptions
 from r1v_quant.eval_bench import bench_report, bench_runner
 from r1v_quant.eval_ppl import WindowSpec, build_windows, evaluate_models, ppl_report
 
@@ -90,8 +91,7 @@ def run_check(
     *,
     max_tokens: int = 1024,
     seed: int = 0,
-    n_threads: int | None = None,
-    n_gpu_layers: int = 0,
+    runtime: RuntimeOptions | None = None,
     progress: bool = False,
     command: str = "",
 ) -> dict[str, Any]:
@@ -103,8 +103,7 @@ def run_check(
         windows,
         per_model=bench_runner(bench.items, max_tokens, progress=progress) if bench else None,
         gen_budget=max_tokens if bench else 0,
-        n_threads=n_threads,
-        n_gpu_layers=n_gpu_layers,
+        runtime=runtime,
         progress=progress,
     )
     ppl = ppl_report(runs[0], runs[1:], windows, ws)

@@ -238,7 +238,7 @@ class Demo:
         from r1v_quant.artifact import resolve_artifact, resolve_reference
         from r1v_quant.bench_sets import load_bench
         from r1v_quant.check import Gates, run_check, write_report
-        from r1v_quant.eval_backends import check_compatible
+        from r1v_quant.eval_backends import RuntimeOptions, check_compatible
         from r1v_quant.eval_ppl import WindowSpec
 
         ref = resolve_reference(self.model)
@@ -253,7 +253,7 @@ class Demo:
             Gates(),
             max_tokens=128,
             seed=self.seed,
-            n_threads=self.threads,
+            runtime=RuntimeOptions(n_threads=self.threads, torch_device="cpu"),  # same numbers on any machine
             progress=True,
             command="r1v-quant demo",
         )

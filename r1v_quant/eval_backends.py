@@ -109,34 +109,88 @@ def _tokenizer(art: Artifact) -> Any:
 # -- backends -------------------------------------------------------------------------------------------
 
 
-class TorchBackend:
-    """The torch reference forward on a 16-bit or AWQ checkpoint (CPU, float32)."""
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    def __init__(self, artifact: Artifact):
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How each model runs: llama.cpp's threads and GPU layers, and the torch backend's device and dtype
+    (the 16-bit reference and AWQ candidates: a 38B reference needs ~77 GB in bfloat16, 154 GB in float32,
+    so it runs on a large GPU or a large-memory host, while the GGUF candidates stay in llama.cpp)."""
+
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    torch_device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    torch_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+
+    def torch_placement(self) -> tuple[torch.device, torch.dtype]:
+        name = self.torch_device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise R1VError(f"--torch-device {name}: {e}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise R1VError(f"--torch-device {name}: expected auto, cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise R1VError(f"--torch-device {name}: this torch build sees no CUDA device (use cpu or auto)")
+        if self.torch_dtype == "auto":
+            return device, torch.float32 if device.type == "cpu" else torch.bfloat16
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise R1VError(f"--torch-dtype {self.torch_dtype}: expected auto, {', '.join(TORCH_DTYPES)}")
+        return device, TORCH_DTYPES[self.torch_dtype]
+
+    def describe(self) -> dict[str, Any]:
+        device, dtype = self.torch_placement()
+        return {
+            "torch_device": str(device),
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "llama_threads": self.n_threads,
+            "llama_gpu_layers": self.n_gpu_layers,
+        }
+
+
+class TorchBackend:
+    """The torch reference forward on a 16-bit or AWQ checkpoint, on the device and dtype `runtime` says
+    (default: CPU float32, or a CUDA GPU in bfloat16 when there is one)."""
+
+    def __init__(self, artifact: Artifact, runtime: RuntimeOptions | None = None):
         from r1v_quant.checkpoint import open_checkpoint
         from r1v_quant.model import R1VModel
         from r1v_quant.tokenizer import R1VTokenizer
 
         self.artifact = artifact
+        self.device, self.dtype = (runtime or RuntimeOptions()).torch_placement()
         ckpt = open_checkpoint(artifact.path)
         self.spec = ckpt.spec
-        self.model = R1VModel.from_checkpoint(ckpt)
+        self.model = R1VModel.from_checkpoint(ckpt, dtype=self.dtype, device=self.device)
         self.tok = R1VTokenizer.from_dir(artifact.path)
         self.stop_ids = self.tok.stop_ids(self.spec.flavor)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok.encode(text)
 
+    def _pixels(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
+        return None if pixels is None else pixels.to(device=self.device, dtype=self.dtype)
+
     @torch.no_grad()
     def logprobs(self, window: Window) -> torch.Tensor:
-        logits = self.model(window.input_ids[None], window.pixel_values)[0][window.score]
-        return torch.log_softmax(logits.float(), -1)
+        with torch.device(self.device):  # tensors the forward creates (cache, positions) land there too
+            logits = self.model(window.input_ids[None].to(self.device), self._pixels(window.pixel_values))
+        return torch.log_softmax(logits[0].float().cpu()[window.score], -1)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
         from r1v_quant.model import build_inputs
 
         ids, pixels, _ = build_inputs(self.artifact.path, self.spec, question, list(images))
-        res = self.model.generate(ids, pixels, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
+        with torch.device(self.device):
+            res = self.model.generate(
+                ids.to(self.device),
+                self._pixels(pixels),
+                max_new_tokens=max_new_tokens,
+                stop_ids=self.stop_ids,
+            )
         return Generation(self.tok.decode(res.tokens), len(res.tokens), res.stopped)
 
     def close(self) -> None:
@@ -179,12 +233,11 @@ class LlamaCppBackend:
         self.rt.close()
 
 
-def open_backend(
-    artifact: Artifact, *, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0
-) -> Backend:
+def open_backend(artifact: Artifact, *, n_ctx: int = 4096, runtime: RuntimeOptions | None = None) -> Backend:
+    rt = runtime or RuntimeOptions()
     if artifact.backend == "torch":
-        return TorchBackend(artifact)
-    return LlamaCppBackend(artifact, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        return TorchBackend(artifact, rt)
+    return LlamaCppBackend(artifact, n_ctx=n_ctx, n_threads=rt.n_threads, n_gpu_layers=rt.n_gpu_layers)
 
 
 def check_runtime_tokenizer(ref: Artifact, backend: Backend) -> None:

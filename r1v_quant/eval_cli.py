@@ -44,7 +44,30 @@ def _runtime(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--gpu-layers", type=int, default=0, show_default=True, help="llama.cpp layers on GPU.")(
         f
     )
+    f = click.option(
+        "--torch-device",
+        default="auto",
+        show_default=True,
+        metavar="auto|cpu|cuda[:N]",
+        help="Where the torch backend (16-bit reference, AWQ candidates) runs; auto: CUDA when present.",
+    )(f)
+    f = click.option(
+        "--torch-dtype",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        default="auto",
+        show_default=True,
+        help="Torch backend compute dtype; auto: float32 on CPU, bfloat16 on CUDA (38B: ~77 GB in bf16).",
+    )(f)
     return f
+
+
+def _runtime_options(threads: int | None, gpu_layers: int, torch_device: str, torch_dtype: str) -> Any:
+    """The options of `_runtime`, checked before any model loads (a CUDA request without CUDA fails now)."""
+    from r1v_quant.eval_backends import RuntimeOptions
+
+    rt = RuntimeOptions(threads, gpu_layers, torch_device, torch_dtype)
+    rt.torch_placement()
+    return rt
 
 
 def _windows(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,6 +204,8 @@ def ppl_command(
     ref_dtype: str,
     threads: int | None,
     gpu_layers: int,
+    torch_device: str,
+    torch_dtype: str,
     as_json: bool,
 ) -> None:
     """Perplexity of REF and each candidate on identical windows, and KL divergence against REF."""
@@ -189,18 +214,19 @@ def ppl_command(
     if set_name is None and text_file is None:
         raise R1VError("pass --text FILE and/or --set heldout")
     ws = WindowSpec(set_name, text_file, ctx, stride, n_text, n_image, chunks)
+    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
     ref_art, arts = _resolve(ref, cands, needs_images=set_name is not None, progress=not as_json)
     windows = build_windows(ref_art, ws)
     runs = evaluate_models(
         ref_art,
         arts,
         windows,
-        n_threads=threads,
-        n_gpu_layers=gpu_layers,
+        runtime=rt,
         ref_dtype=ref_dtype,
         progress=not as_json,
     )
     report = ppl_report(runs[0], runs[1:], windows, ws)
+    report["runtime"] = rt.describe()
     _emit(report, as_json, format_ppl(report))
 
 
@@ -241,6 +267,8 @@ def bench_command(
     save_responses: Path | None,
     threads: int | None,
     gpu_layers: int,
+    torch_device: str,
+    torch_dtype: str,
     as_json: bool,
 ) -> None:
     """Accuracy of REF and each candidate on a benchmark, paired deltas, McNemar p-values and the gate."""
@@ -252,6 +280,7 @@ def bench_command(
         raise R1VError("--max-tokens must be at least 1")
     bench = _load_benches(benches, limit, seed, skip_bad)
     needs_images = any(it.images for it in bench.items)
+    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
     ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
     runs = evaluate_models(
         ref_art,
@@ -259,14 +288,14 @@ def bench_command(
         [],
         per_model=bench_runner(bench.items, max_tokens, progress=not as_json),
         gen_budget=max_tokens,
-        n_threads=threads,
-        n_gpu_layers=gpu_layers,
+        runtime=rt,
         progress=not as_json,
     )
     pairs = [(r.artifact.describe(), r.bench) for r in runs]
     if save_responses is not None:
         save(save_responses, pairs)
     report = bench_report(bench, pairs, max_drop=max_drop, seed=seed, max_tokens=max_tokens)
+    report["runtime"] = rt.describe()
     _emit(report, as_json, format_bench(report))
     if not report["passed"]:
         sys.exit(1)
@@ -338,6 +367,8 @@ def check_command(
     max_drop: float,
     threads: int | None,
     gpu_layers: int,
+    torch_device: str,
+    torch_dtype: str,
     update_cards: bool,
     as_json: bool,
 ) -> None:
@@ -355,6 +386,7 @@ def check_command(
         raise R1VError("nothing to score: --set none needs --text FILE")
     bench = None if benches == ("none",) else _load_benches(benches, limit, seed, skip_bad)
     needs_images = set_opt is not None or bool(bench and any(it.images for it in bench.items))
+    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
     ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
     ws = WindowSpec(set_opt, text_file, ctx, stride, n_text, n_image, chunks)
     gates = Gates(max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_drop=max_drop)
@@ -369,11 +401,11 @@ def check_command(
         gates,
         max_tokens=max_tokens,
         seed=seed,
-        n_threads=threads,
-        n_gpu_layers=gpu_layers,
+        runtime=rt,
         progress=not as_json,
         command=command,
     )
+    report["runtime"] = rt.describe()
     write_report(report, out)
     if update_cards:
         from r1v_quant.check import update_cards as write_cards

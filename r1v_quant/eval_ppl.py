@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from r1v_quant.artifact import Artifact
 from r1v_quant.errors import R1VError
-from r1v_quant.eval_backends import Artifact, Backend
+from r1v_quant.eval_backends import Backend, RuntimeOptions
 from r1v_quant.evalset import Window, heldout_windows, text_windows, window_targets
 from r1v_quant.metrics import concat_stats, summarize, token_stats
 
@@ -180,8 +181,7 @@ def evaluate_models(
     *,
     per_model: Callable[[Backend, bool], list[Any]] | None = None,
     gen_budget: int = 0,
-    n_threads: int | None = None,
-    n_gpu_layers: int = 0,
+    runtime: RuntimeOptions | None = None,
     ref_dtype: str = "auto",
     progress: bool = False,
 ) -> list[ModelRun]:
@@ -193,7 +193,7 @@ def evaluate_models(
     runs: list[ModelRun] = []
     with RefStore(windows, ref.vocab, ref_dtype) as store:
         for k, art in enumerate([ref, *cands]):
-            backend = open_backend(art, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+            backend = open_backend(art, n_ctx=n_ctx, runtime=runtime)
             try:
                 if k:
                     check_runtime_tokenizer(ref, backend)

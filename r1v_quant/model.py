@@ -32,9 +32,15 @@ class R1VModel(nn.Module):
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint | Path | str, *, dtype: torch.dtype = torch.float32, flavor: str | None = None
+        cls,
+        ckpt: Checkpoint | Path | str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        flavor: str | None = None,
+        device: torch.device | str = "cpu",
     ) -> R1VModel:
-        """Load every tensor (fine for the tiny replica; the 38B path streams layers instead)."""
+        """The whole model on `device`, read one tensor at a time (host RAM holds one tensor in flight
+        when `device` is a GPU). The quantization jobs stream layers instead and never call this."""
         if not isinstance(ckpt, Checkpoint):
             ckpt = open_checkpoint(ckpt, flavor=flavor)
         quant = ckpt.spec.quantization
@@ -44,9 +50,9 @@ class R1VModel(nn.Module):
             # the packed format belongs to the exporter; the core only asks it for dequantized weights
             from r1v_quant.exporters.awq_format import awq_state_dict
 
-            state = awq_state_dict(ckpt, dtype)
+            state = awq_state_dict(ckpt, dtype, device)
         else:
-            state = {name: ckpt.get(name).to(dtype) for name in ckpt.names()}
+            state = {name: ckpt.get(name).to(device=device, dtype=dtype) for name in ckpt.names()}
         with torch.device("meta"):
             model = cls(ckpt.spec)
         model.load_state_dict(state, strict=True, assign=True)

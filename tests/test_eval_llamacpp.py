@@ -15,6 +15,7 @@ from r1v_quant.artifact import resolve_artifact, resolve_reference  # noqa: E402
 from r1v_quant.bench_sets import load_bench  # noqa: E402
 from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.eval_backends import (  # noqa: E402
+    RuntimeOptions,
     check_compatible,
     check_runtime_tokenizer,
     open_backend,
@@ -46,7 +47,7 @@ def test_same_perplexity_as_torch_for_f16_weights(tiny_dir: Path, f16_dir: Path)
     )
     check_compatible(ref, cand, needs_images=True)
     windows = build_windows(ref, WindowSpec(n_text=3, n_image=1))
-    ref_run, cand_run = evaluate_models(ref, [cand], windows, n_threads=2)
+    ref_run, cand_run = evaluate_models(ref, [cand], windows, runtime=RuntimeOptions(n_threads=2))
     for kind in ("text", "image", "all"):
         s = cand_run.ppl[kind]
         assert s["ppl_ref"] == pytest.approx(ref_run.ppl[kind]["ppl"], rel=1e-9)
@@ -62,7 +63,7 @@ def test_same_answers_as_torch(tiny_dir: Path, f16_dir: Path) -> None:
     ref = resolve_reference(tiny_dir)
     preds = []
     for art in (ref, resolve_artifact(f16_dir)):
-        backend = open_backend(art, n_ctx=2048, n_threads=2)
+        backend = open_backend(art, n_ctx=2048, runtime=RuntimeOptions(n_threads=2))
         try:
             if art.backend == "llama.cpp":
                 check_runtime_tokenizer(ref, backend)  # llama.cpp's reading of the GGUF vocabulary
