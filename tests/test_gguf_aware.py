@@ -17,6 +17,7 @@ from click.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from llama_helpers import llama_logits  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from r1v_quant.awq import token_weights  # noqa: E402
@@ -87,15 +88,6 @@ def ids(tiny_dir: Path) -> list[int]:
     tok = R1VTokenizer.from_dir(tiny_dir)
     text = build_prompt("r1v", [{"role": "user", "content": PROMPT}])
     return tok.encode(text + "Let me think step by step. First, 12 + 30 = 42; then 42 / 6 = 7.")
-
-
-def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 def tensors(path: Path) -> dict[str, tuple[int, np.ndarray]]:

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from llama_helpers import llama_logits  # noqa: E402
+
 from r1v_quant.cli import Group  # noqa: E402
 from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.exporters import gguf_llm  # noqa: E402
@@ -79,15 +81,6 @@ def prompt_ids(tiny_dir: Path) -> list[int]:
 def torch_logits(tiny_dir: Path, prompt_ids: list[int]) -> np.ndarray:
     model = R1VModel.from_checkpoint(tiny_dir)
     return model(torch.tensor([prompt_ids]))[0].numpy()
-
-
-def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 def assert_same_top1(got: np.ndarray, want: np.ndarray, rel_margin: float = 0.005) -> None:
