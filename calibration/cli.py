@@ -39,6 +39,14 @@ def _size(n: int | None) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--flavor", default=None, help="r1v | r1v2 | r1v3 (default: from the checkpoint).")
 @click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the vision tower, the capture and the sensitivity pass run, one layer resident (auto: "
+    "cuda when torch sees one); cached activations stay in RAM / spill.",
+)
+@click.option(
     "--sensitivity/--no-sensitivity",
     default=True,
     show_default=True,
@@ -56,6 +64,7 @@ def calibrate_command(
     text_ratio: float,
     seed: int,
     flavor: str | None,
+    device: str,
     sensitivity: bool,
     as_json: bool,
 ) -> None:
@@ -74,6 +83,7 @@ def calibrate_command(
         flavor=flavor,
         sensitivity=sensitivity,
         progress=not as_json,
+        device=device,
     )
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -17,6 +17,12 @@ Phases: vision (ViT one layer at a time), embed (token table), capture (one deco
 sample), search (AWQ, per layer, between capture and the next layer), sensitivity (streamed backward) and
 sensitivity_head (the lm_head's cross-entropy gradient).
 
+`--device cuda`: vision, capture, sensitivity and search run on the GPU (capture.py moves each layer and
+each sample there and back), so their layer and working-set terms go to the "gpu" pool (one layer + one
+sample's working set; the search's own terms on top); the host keeps the store, the token table (the
+embedding lookup stays host-side), each layer's 16-bit source while it is moved, and one sample's host
+copies in and out. Every FLOP is then timed at the GPU rate (host <-> device copies are not timed).
+
 `--max-memory auto` (the default): budget = MemAvailable - safety margin - the peak with an empty store,
 so activations fill what is left and the rest spills. The preflight refuses, with one line, when the
 spill (plus the job's outputs) does not fit the free disk at the spill location, or when the working set
@@ -101,13 +107,15 @@ class JobPlan:
     peak_phase: str
     gpu_peak_bytes: int | None
     flops: dict[str, float]
-    gflops: dict[str, float]  # measured rates: "cpu", and "gpu" when the search runs there
+    gflops: dict[str, float]  # measured rates: "cpu", and "gpu" when the job runs there
     seconds: float
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"  # where the layers run: "cpu" | "cuda"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "job": self.job,
+            "device": self.device,
             "terms": [
                 {"name": t.name, "bytes": int(t.bytes), "pool": t.pool, "phase": t.phase, "note": t.note}
                 for t in self.terms
@@ -150,7 +158,8 @@ class JobPlan:
             + ", ".join(f"{v:.0f} GFLOP/s ({k})" for k, v in self.gflops.items()),
         ]
         if self.gpu_peak_bytes:
-            lines.append(f"  GPU peak ~{gb(self.gpu_peak_bytes)} (the search; estimate)")
+            what = "one layer + one sample's working set" + (", or the search" if self.job == "awq" else "")
+            lines.append(f"  GPU peak ~{gb(self.gpu_peak_bytes)} ({what}; estimate)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -438,6 +447,8 @@ def plan_terms(
     p_layer = _params(spec.llm_layer_shapes())
     p_vit = _params(spec.vision_layer_shapes())
     n_max = max((s.tokens for s in samples), default=1)
+    gpu = device == "cuda"
+    run = "gpu" if gpu else "cpu"  # the pool the layers compute in
     terms = [
         Term("runtime.base", base, "cpu", "resident", base_note),
         Term("runtime.slack", RUNTIME_SLACK, "cpu", "resident", "torch first use, fit on the replicas"),
@@ -449,37 +460,56 @@ def plan_terms(
         # vision.py VisionLayer on one sample's tiles: attention norm, qkv (3u), q/k norms, SDPA, proj;
         # MLP input, norm, fc1 + GELU (2 x ffn); the fp32 pixels; or the 16-bit source while loading
         act = max((6 + 2 * g.vit_qk_norm) * u, 2 * u + 2 * tiles * g.positions * g.vit_ffn * cb)
-        act += tiles * 3 * g.image_size**2 * 4
-        terms.append(Term("vision.layer", p_vit * cb, "cpu", "vision", "one ViT layer at the compute dtype"))
-        terms.append(
-            Term(
-                "vision.transient",
-                max(act, p_vit * sb),
-                "cpu",
-                "vision",
-                f"{tiles} tiles through one layer, or the layer's 16-bit source",
+        pixels = tiles * 3 * g.image_size**2 * 4
+        act += pixels
+        terms.append(Term("vision.layer", p_vit * cb, run, "vision", "one ViT layer at the compute dtype"))
+        if gpu:  # capture._loaded casts on the way to the device: the host holds the 16-bit source only
+            terms.append(Term("vision.transient", act, "gpu", "vision", f"{tiles} tiles through one layer"))
+            terms.append(
+                Term(
+                    "vision.host",
+                    max(p_vit * sb, 2 * u + pixels),
+                    "cpu",
+                    "vision",
+                    "the layer's 16-bit source while moved, or one sample's tiles in and out",
+                )
             )
-        )
+        else:
+            terms.append(
+                Term(
+                    "vision.transient",
+                    max(act, p_vit * sb),
+                    "cpu",
+                    "vision",
+                    f"{tiles} tiles through one layer, or the layer's 16-bit source",
+                )
+            )
     terms.append(Term("embed.table", g.vocab * g.hidden * sb, "cpu", "embed", "embed_tokens as stored"))
     terms.append(Term("embed.sample", n_max * g.hidden * cb, "cpu", "embed", "one sample's embeddings"))
-    terms.append(Term("capture.layer", p_layer * cb, "cpu", "capture", "one decoder layer"))
+    terms.append(Term("capture.layer", p_layer * cb, run, "capture", "one decoder layer"))
     fwd = torch_prefill_activations(g, n_max, cb)  # memory_model: one forward over the longest sample
-    terms.append(
-        Term(
-            "capture.transient",
-            max(fwd, p_layer * sb),
-            "cpu",
-            "capture",
-            f"forward over {n_max} tokens, or the layer's 16-bit source while loading",
+    sample = n_max * g.hidden * cb
+    host_load = max(p_layer * sb, 2 * sample)  # on a GPU: what the host holds beside the store
+    host_note = "the layer's 16-bit source while moved, or one sample's input and output host copies"
+    if gpu:
+        terms.append(Term("capture.transient", fwd, "gpu", "capture", f"forward over {n_max} tokens"))
+        terms.append(Term("capture.host", host_load, "cpu", "capture", host_note))
+    else:
+        terms.append(
+            Term(
+                "capture.transient",
+                max(fwd, p_layer * sb),
+                "cpu",
+                "capture",
+                f"forward over {n_max} tokens, or the layer's 16-bit source while loading",
+            )
         )
-    )
     if job == "calibrate":
         # stats.safetensors' tensors of every finished layer (mean_abs, sum_sq, max_abs x 3 modalities,
         # float32 per input channel of qkv, o, gate/up, down), kept until the folder is written
         stats = g.llm_layers * (2 * g.hidden + g.heads * g.head_dim + g.ffn) * 9 * 4
         terms.append(Term("calibrate.stats", stats, "cpu", "resident", "per-channel statistics"))
     if job == "awq":
-        gpu = device == "cuda"
         terms += _search_terms(spec, g, samples, cb, method, "gpu" if gpu else "cpu")
         if gpu:  # awq_export moves every input and target of the layer to the device
             both = 2 * sum(s.tokens for s in samples) * g.hidden * cb
@@ -487,33 +517,45 @@ def plan_terms(
     if sens_subset:
         sub = [samples[j] for j in sens_subset]
         n_sub = max(s.tokens for s in sub)
-        terms.append(Term("sensitivity.layer", p_layer * cb, "cpu", "sensitivity", "one decoder layer"))
+        terms.append(Term("sensitivity.layer", p_layer * cb, run, "sensitivity", "one decoder layer"))
         # autograd through one layer over one sample: the forward's saved tensors plus gradient
         # temporaries, ~2 forward working sets (estimate)
         terms.append(
             Term(
                 "sensitivity.backward",
                 2 * torch_prefill_activations(g, n_sub, cb),
-                "cpu",
+                run,
                 "sensitivity",
                 f"one layer's backward over {n_sub} tokens (estimate)",
             )
         )
         head = g.vocab * g.hidden
-        terms.append(
-            Term(
-                "sensitivity.lm_head",
-                head * (cb + sb),
-                "cpu",
-                "sensitivity_head",
-                "lm_head at the compute dtype + its 16-bit source while converting",
+        if gpu:  # cast on the way to the device; the host holds the 16-bit source meanwhile
+            terms.append(
+                Term("sensitivity.lm_head", head * cb, "gpu", "sensitivity_head", "lm_head, compute dtype")
             )
-        )
+            terms.append(
+                Term("sensitivity.lm_head_source", head * sb, "cpu", "sensitivity_head", "its 16-bit source")
+            )
+            sub_sample = n_sub * g.hidden * cb  # input, output / gradient host copies of one sample
+            terms.append(
+                Term("sensitivity.host", max(p_layer * sb, 3 * sub_sample), "cpu", "sensitivity", host_note)
+            )
+        else:
+            terms.append(
+                Term(
+                    "sensitivity.lm_head",
+                    head * (cb + sb),
+                    "cpu",
+                    "sensitivity_head",
+                    "lm_head at the compute dtype + its 16-bit source while converting",
+                )
+            )
         terms.append(
             Term(
                 "sensitivity.logits",
                 3 * LOGIT_CHUNK * g.vocab * cb,
-                "cpu",
+                run,
                 "sensitivity_head",
                 "512-row logits, softmax and gradient",
             )
@@ -719,10 +761,13 @@ def make_plan(
         )
     flops = plan_flops(job, spec, samples, sens_subset, method)
     rates = dict(gflops) if gflops is not None else {"cpu": measure_cpu_gflops()}
-    if job == "awq" and device == "cuda" and "gpu" not in rates:
+    if device == "cuda" and "gpu" not in rates:
         rates["gpu"] = measure_cuda_gflops()
+    # on cuda every pass runs on the GPU (vision, capture, sensitivity, search); on the CPU a given "gpu"
+    # rate times the search only, as before
+    on_gpu = set(flops) if device == "cuda" else {"search"}
     seconds = sum(
-        f / (rates["gpu" if k == "search" and "gpu" in rates else "cpu"] * 1e9) for k, f in flops.items()
+        f / (rates["gpu" if k in on_gpu and "gpu" in rates else "cpu"] * 1e9) for k, f in flops.items()
     )
     plan = JobPlan(
         job=job,
@@ -746,6 +791,7 @@ def make_plan(
         gflops=rates,
         seconds=seconds,
         notes=notes,
+        device=device,
     )
     return plan
 
@@ -762,7 +808,8 @@ def check_plan(plan: JobPlan) -> None:
         raise R1VError(
             f"this {plan.job} run needs about {gb(plan.working_peak)} of RAM besides cached activations "
             f"(largest: {phase.name} {gb(phase.bytes)}), only {gb(plan.available_bytes)} is available; "
-            "use fewer --samples, a shorter --seq-len" + (" or --device cuda" if plan.job == "awq" else "")
+            "use fewer --samples, a shorter --seq-len"
+            + (" or --device cuda" if plan.device != "cuda" else "")
         )
     need = plan.disk_need_bytes
     if plan.free_disk_bytes is not None and need > plan.free_disk_bytes:

@@ -23,6 +23,7 @@ from r1v_quant.errors import R1VError
 
 from .capture import iter_layers
 from .dataset import CalibrationSet
+from .device import resolve_device
 from .job_plan import JobPlan, check_plan, peak_rss_bytes, plan_job
 from .loaders import load_set
 from .render import MODALITIES, RenderedSample, Renderer
@@ -91,16 +92,19 @@ def calibrate(
     dtype: torch.dtype = torch.float32,
     sensitivity: bool = True,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> dict[str, Any]:
     """Write `out_dir/stats.safetensors`, `report.json`, `set_manifest.jsonl` and (`sensitivity`)
     `sensitivity.json`, all at once (atomically); return the report.
 
     `max_memory`: "auto" (fit to this machine, job_plan.py), a size, or None / "none" (no budget). The
     plan (peak RAM, spill, FLOPs) is made after the samples are rendered and before any forward pass; a
-    run that cannot fit memory or disk is refused there."""
+    run that cannot fit memory or disk is refused there. `device`: auto | cpu | cuda (calibration/device.py),
+    where the vision tower, the capture and the sensitivity pass run; activations stay in host RAM / spill."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # fail before minutes of work, not after
+    dev = resolve_device(device)
     wanted = parse_max_memory(max_memory)
     prep = prepare(
         model_dir,
@@ -113,7 +117,14 @@ def calibrate(
         progress=progress,
     )
     # the spill folder lives inside the output's temporary sibling: same file system as out_dir.parent
-    plan = plan_job("calibrate", prep, budget=wanted, spill_dir=out_dir.parent, sensitivity=sensitivity)
+    plan = plan_job(
+        "calibrate",
+        prep,
+        budget=wanted,
+        spill_dir=out_dir.parent,
+        sensitivity=sensitivity,
+        device=dev.type,
+    )
     check_plan(plan)
     show_plan(plan, progress)
     budget = plan.budget
@@ -123,14 +134,25 @@ def calibrate(
         tensors: dict[str, torch.Tensor] = {}
         try:
             for cap in iter_layers(
-                prep.ckpt, prep.renderer, prep.cset, prep.rendered, store, dtype=dtype, progress=progress
+                prep.ckpt,
+                prep.renderer,
+                prep.cset,
+                prep.rendered,
+                store,
+                dtype=dtype,
+                progress=progress,
+                device=dev,
             ):
                 assert cap.stats is not None
                 tensors.update(cap.stats.tensors())
             t_capture = time.perf_counter()
             store.drop("inputs")  # the last layer's outputs: not needed by the sensitivity pass
             # measured here once, so `gguf --modality-weights auto` weighs modalities as `awq` does
-            sens = measure_sensitivity(prep, store, dtype=dtype, progress=progress) if sensitivity else None
+            sens = (
+                measure_sensitivity(prep, store, dtype=dtype, progress=progress, device=dev)
+                if sensitivity
+                else None
+            )
         finally:
             store.close()  # also removes the spill folder before the directory is renamed into place
         seconds = time.perf_counter() - t0
@@ -139,6 +161,7 @@ def calibrate(
             t_capture - t_prep,
         )  # fmt: skip
         report["plan"] = plan.to_json()
+        report["device"] = dev.type
         report["sensitivity"] = None
         if sens is not None:
             write_sensitivity(sens, tmp)

@@ -106,14 +106,16 @@ def measure_sensitivity(
     *,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Sensitivity:
-    """Measure on the fixed subset of `prep`'s rendered samples (one layer resident, as `iter_layers`)."""
+    """Measure on the fixed subset of `prep`'s rendered samples (one layer resident, as `iter_layers`),
+    computed on `device` (the cached activations stay in the host-side `store`)."""
     from .capture import layer_sensitivity
 
     picked = sensitivity_subset([r.modality for r in prep.rendered])
     subset = [prep.rendered[j] for j in picked]
     sens, counts = layer_sensitivity(
-        prep.ckpt, prep.renderer, prep.cset, subset, store, dtype=dtype, progress=progress
+        prep.ckpt, prep.renderer, prep.cset, subset, store, dtype=dtype, progress=progress, device=device
     )
     return Sensitivity(
         weights=language_vision_sensitivity(sens, counts).float(),
@@ -126,9 +128,11 @@ def measure_sensitivity(
     )
 
 
-def modality_sensitivities(prep: Any, store: Any, progress: bool) -> torch.Tensor:
+def modality_sensitivities(
+    prep: Any, store: Any, progress: bool, *, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(layers, 3) per-modality weights for --modality-weights auto (what `awq` hands its search)."""
-    return measure_sensitivity(prep, store, progress=progress).weights
+    return measure_sensitivity(prep, store, progress=progress, device=device).weights
 
 
 def write_sensitivity(sens: Sensitivity, directory: Path | str) -> Path:
@@ -172,10 +176,12 @@ def calibration_sensitivity(
     flavor: str | None = None,
     scratch: Path | str | None = None,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[Sensitivity, str]:
     """The sensitivity for a `calibrate` output: (it, "calibration") when stored there, else measured now
     from `model_dir` and the set its report.json records, (it, "measured"), after checking that the set
-    reloads with the recorded hash. Nothing is written into `calib` (an input)."""
+    reloads with the recorded hash. Nothing is written into `calib` (an input). `device`: where a measurement
+    runs."""
     from .pipeline import REPORT_FILE, prepare
     from .store import ActivationStore
 
@@ -215,7 +221,7 @@ def calibration_sensitivity(
     with tempfile.TemporaryDirectory(prefix=".r1v-sensitivity-", dir=scratch) as spill:
         store = ActivationStore(budget, Path(spill))
         try:
-            sens = measure_sensitivity(prep, store, progress=progress)
+            sens = measure_sensitivity(prep, store, progress=progress, device=device)
         finally:
             store.close()
     if sens.weights.shape[0] != num_layers or not math.isfinite(float(sens.weights.sum())):

@@ -24,7 +24,14 @@ from r1v_quant.hub import model_argument
 @click.option("--seq-len", type=int, default=4096, show_default=True)
 @click.option("--text-ratio", type=float, default=0.25, show_default=True, help="Share of text-only samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the vision tower, the capture, the sensitivity pass and the search run, one layer resident "
+    "(auto: cuda when torch sees one); cached activations stay in RAM / spill.",
+)
 @click.option(
     "--max-memory",
     default="auto",

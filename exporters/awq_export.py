@@ -1,10 +1,12 @@
 """`r1v-quant awq`: calibrate, search and pack the language model, layer by layer, into an AutoAWQ checkpoint.
 
 Data flow: calibration.prepare/iter_layers (one decoder layer resident, activations under --max-memory)
--> r1v_quant.awq.quantize_layer (the math) -> one packed safetensors file per finished layer in a work
-directory (that is what --resume continues from) -> final checkpoint assembled with the 16-bit vision
-tower, mlp1, embeddings, lm_head and norms, config.json with quantization_config, the source's tokenizer,
-template, preprocessor and remote-code files copied unchanged (never executed), and quant_report.json.
+-> r1v_quant.awq.quantize_layer (the math); the vision tower, the capture, the sensitivity pass and the
+search all run on --device (calibration/device.py), the cached activations stay host-side
+-> one packed safetensors file per finished layer in a work directory (that is what --resume continues
+from) -> final checkpoint assembled with the 16-bit vision tower, mlp1, embeddings, lm_head and norms,
+config.json with quantization_config, the source's tokenizer, template, preprocessor and remote-code
+files copied unchanged (never executed), and quant_report.json.
 """
 
 from __future__ import annotations
@@ -69,16 +71,6 @@ def quantization_config(group_size: int) -> dict[str, Any]:
             "modules_to_not_convert": list(MODULES_TO_NOT_CONVERT)}  # fmt: skip
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise R1VError("--device cuda: no CUDA device is available to torch")
-    if device not in ("cpu", "cuda"):
-        raise R1VError(f"unknown --device {device!r}: expected auto, cpu or cuda")
-    return torch.device(device)
-
-
 def _layer_tensors(res: LayerResult) -> dict[str, torch.Tensor]:
     out = {}
     for name, qw in res.quantized.items():
@@ -121,6 +113,7 @@ def quantize_awq(
 ) -> dict[str, Any]:
     """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests."""
     from r1v_quant.calibration import ActivationStore, iter_layers, prepare
+    from r1v_quant.calibration.device import resolve_device  # shared with calibrate
     from r1v_quant.calibration.job_plan import check_plan, peak_rss_bytes, plan_job
     from r1v_quant.calibration.pipeline import show_plan
     from r1v_quant.calibration.sensitivity import modality_sensitivities  # shared with calibrate / gguf
@@ -183,14 +176,25 @@ def quantize_awq(
     store = ActivationStore(plan.budget, work / "spill")
     longest = max(r.length for r in prep.rendered)
     t_prep = time.perf_counter()
-    sens = modality_sensitivities(prep, store, progress) if cfg.modality_weights == "auto" else None
+    sens = (
+        modality_sensitivities(prep, store, progress, device=device)
+        if cfg.modality_weights == "auto"
+        else None
+    )
     t_sens = time.perf_counter()
     bar = tqdm(
         total=ckpt.spec.llm.num_layers, desc=f"{opts.method} search", unit="layer", disable=not progress
     )
     try:
         for cap in iter_layers(
-            ckpt, prep.renderer, prep.cset, prep.rendered, store, collect_stats=True, progress=False
+            ckpt,
+            prep.renderer,
+            prep.cset,
+            prep.rendered,
+            store,
+            collect_stats=True,
+            progress=False,
+            device=device,
         ):
             path = work / "layers" / f"{cap.index:05d}.safetensors"
             if path.is_file():  # finished before an interruption
@@ -198,7 +202,7 @@ def quantize_awq(
                 _fake_quant_from_tensors(cap.layer, tensors)
                 report["resumed"] = True
             else:
-                layer = cap.layer.to(device)
+                layer = cap.layer.to(device)  # already there: iter_layers loaded it on `device`
                 cos, sin = cap.rope(longest)
                 cos, sin = cos.to(device), sin.to(device)
                 if device.type == "cpu":  # the store's lists: spilled samples are read back when used,
@@ -218,12 +222,13 @@ def quantize_awq(
                     channel_stats=channel_stats(cap.stats) if cap.stats else None,
                     sensitivity=None if sens is None else sens[cap.index],
                 )
-                cap.layer = layer.cpu()
+                # the layer stays on the device: --propagate quant re-runs it there, iter_layers frees it
                 res.quantized = {k: _to_cpu(v) for k, v in res.quantized.items()}
                 res.state = {k: v.cpu() for k, v in res.state.items()}
                 report = res.report
                 with atomic_file(path) as tmp:
                     save_file(_layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
+                del inputs, targets, res  # device copies of every sample: not beside the next layer
             layer_reports.append(report)
             if on_layer:
                 on_layer(cap.index, cap.layer)

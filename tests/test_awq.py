@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -502,3 +503,34 @@ def test_awq_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     assert report["plan"]["budget_source"] == "none" and report["plan"]["budget_bytes"] is None
     assert report["plan"]["activation_bytes"] == report["memory"]["peak_cached_ram_bytes"]
     assert "sensitivity" not in report["plan"]["flops"]  # plain rounding measures no sensitivity
+
+
+# -- --device: vision, capture, sensitivity and search on one device (calibration/device.py) ----------------
+def test_awq_explicit_cpu_device_gives_identical_files(awq_run, tiny_dir: Path, tmp_path: Path) -> None:
+    """The fixture ran with --device auto; on a CPU-only machine an explicit cpu gives the same bytes."""
+    out_auto, report_auto, _ = awq_run
+    if torch.cuda.is_available():
+        pytest.skip("auto resolves to cuda here: the fixture's files are not the CPU run's")
+    out = tmp_path / "cpu"
+    report = quantize_awq(tiny_dir, out, dataclasses.replace(OPTS, device="cpu"), progress=False)
+    assert report["plan"]["device"] == report_auto["plan"]["device"] == "cpu"
+    for s in sorted(p.name for p in out_auto.glob("*.safetensors")):
+        assert (out / s).read_bytes() == (out_auto / s).read_bytes(), s
+
+
+def test_awq_cli_device_cuda_without_cuda_is_one_line(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from r1v_quant.cli import Group
+    from r1v_quant.exporters.awq_cli import awq_command
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "q"
+    args = ["awq", str(tiny_dir), "--out", str(out), "--samples", "2", "--seq-len", "256"]
+    r = CliRunner().invoke(Group(commands={"awq": awq_command}), [*args, "--device", "cuda"])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--device cuda: no CUDA device" in lines[0]
+    assert sorted(tmp_path.iterdir()) == []  # no output, no work folder

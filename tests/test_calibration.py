@@ -607,3 +607,129 @@ def test_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     assert {"runtime.base", "capture.layer", "cache.capture", "embed.table"} <= names
     assert "sensitivity.lm_head" not in names and "sensitivity" not in plan["flops"]
     assert json.loads((out / "report.json").read_text())["plan"]["job"] == "calibrate"
+
+
+# -- --device (calibration/device.py): every pass device-aware, CPU results unchanged -----------------------
+def _capture_all(p, rendered, **kw) -> tuple[list[dict[str, torch.Tensor]], list[list[torch.Tensor]]]:
+    stats, outs = [], []
+    for cap in iter_layers(p.ckpt, p.renderer, p.cset, rendered, ActivationStore(), progress=False, **kw):
+        assert cap.stats is not None and all(t.device.type == "cpu" for t in cap.stats.tensors().values())
+        stats.append(cap.stats.tensors())
+        outs.append([cap.outputs[j].clone() for j in range(len(rendered))])
+    return stats, outs
+
+
+def test_explicit_cpu_device_is_identical_to_the_default(prepared, runs: dict[str, Path]) -> None:
+    """capture (vision tower included), statistics and sensitivity with device="cpu" passed explicitly
+    (as a string or a torch.device) equal the default to the bit, on the CPU."""
+    from r1v_quant.calibration.capture import image_features, layer_sensitivity
+    from r1v_quant.calibration.sensitivity import measure_sensitivity
+
+    p = prepared
+    sub = [next(r for r in p.rendered if r.image_keys), next(r for r in p.rendered if not r.image_keys)]
+    want = image_features(p.ckpt, p.renderer, p.cset, sub, ActivationStore(), progress=False)
+    got = image_features(p.ckpt, p.renderer, p.cset, sub, ActivationStore(), progress=False, device="cpu")
+    assert got[0].device.type == "cpu" and torch.equal(got[0], want[0])  # the vision tower ran
+    ref_stats, ref_outs = _capture_all(p, sub)
+    stats, outs = _capture_all(p, sub, device="cpu")
+    for a, b in zip(stats, ref_stats, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(outs, ref_outs, strict=True):
+        assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    s0, n0 = layer_sensitivity(p.ckpt, p.renderer, p.cset, sub, ActivationStore(), progress=False)
+    s1, n1 = layer_sensitivity(
+        p.ckpt, p.renderer, p.cset, sub, ActivationStore(), progress=False, device=torch.device("cpu")
+    )
+    assert s0.dtype == s1.dtype == torch.float32 and torch.equal(s0, s1) and torch.equal(n0, n1)
+    # the default-device run of `calibrate` (auto: cpu here) stored the same weights
+    m = measure_sensitivity(p, ActivationStore(), progress=False, device="cpu")
+    stored = read_sensitivity(runs["ram"])
+    if not torch.cuda.is_available():
+        assert stored is not None and torch.equal(m.weights, stored.weights)
+
+
+def test_calibrate_device_cpu_matches_auto_and_is_reported(
+    runs: dict[str, Path], tiny_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cpu"
+    report = calibrate(tiny_dir, "default", SAMPLES, SEQ, out, None, seed=0, progress=False, device="cpu")
+    ram = json.loads((runs["ram"] / "report.json").read_text())
+    assert report["device"] == "cpu" and report["plan"]["device"] == "cpu"
+    assert ram["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto
+    if ram["device"] == "cpu":  # same numbers (safetensors' header order varies between writes)
+        a, b = CalibrationStats.load(out), CalibrationStats.load(runs["ram"])
+        assert a.metadata == b.metadata and a.tensors.keys() == b.tensors.keys()
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+        assert (out / SENSITIVITY_FILE).read_bytes() == (runs["ram"] / SENSITIVITY_FILE).read_bytes()
+
+
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1v_quant.calibration.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(R1VError, match="--device cuda: no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(R1VError, match="unknown --device 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_calibrate_cli_device_cuda_without_cuda_is_one_line(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from r1v_quant.calibration.cli import calibrate_command
+    from r1v_quant.cli import Group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "c"
+    args = ["calibrate", str(tiny_dir), "--samples", "2", "--seq-len", "256", "--out", str(out)]
+    r = CliRunner().invoke(Group(commands={"calibrate": calibrate_command}), [*args, "--device", "cuda"])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--device cuda: no CUDA device" in lines[0]
+    assert not out.exists()
+
+
+def test_plan_on_cuda_moves_every_pass_to_the_gpu(tmp_path: Path) -> None:
+    """--device cuda: layer and sample working sets in the gpu pool (one layer + one sample), the host
+    keeps the store and the 16-bit sources; every pass timed at the GPU rate. The CPU plan is unchanged."""
+    import r1v_quant.calibration.job_plan as jp
+    from r1v_quant.presets import preset_spec
+
+    spec = preset_spec("r1v-38b")
+    samples = [jp.SampleShape(4096, 7 if j < 48 else 0, 2048) for j in range(64)]
+    sub = list(range(4, 64, 8))
+    rate = {"cpu": 1000.0, "gpu": 50_000.0}
+    kw = dict(budget=None, spill_dir=tmp_path, available=22 * 10**9, gflops=rate)
+    for job in ("calibrate", "awq"):
+        cpu = jp.make_plan(job, spec, samples, sub, device="cpu", **kw)
+        gpu = jp.make_plan(job, spec, samples, sub, device="cuda", **kw)
+        t_cpu, t_gpu = {t.name: t for t in cpu.terms}, {t.name: t for t in gpu.terms}
+        for name in ("vision.layer", "capture.layer", "capture.transient", "sensitivity.layer",
+                     "sensitivity.backward", "sensitivity.lm_head", "sensitivity.logits"):  # fmt: skip
+            assert t_cpu[name].pool == "cpu" and t_gpu[name].pool == "gpu", name
+        assert t_gpu["capture.layer"].bytes == t_cpu["capture.layer"].bytes  # the same layer, elsewhere
+        assert t_gpu["sensitivity.lm_head"].bytes == 152064 * 5120 * 4  # no 16-bit source on the GPU
+        assert t_gpu["sensitivity.lm_head_source"].bytes == 152064 * 5120 * 2  # ... it is on the host
+        assert {"vision.host", "capture.host", "sensitivity.host"} <= t_gpu.keys()
+        assert not {"vision.host", "capture.host", "sensitivity.host"} & t_cpu.keys()
+        assert t_gpu["embed.table"].pool == "cpu"  # the embedding lookup stays host-side
+        # the store is host-side on both; the host peak drops, the GPU holds one layer + one sample
+        assert gpu.activation_bytes == cpu.activation_bytes and gpu.peak_bytes < cpu.peak_bytes
+        assert gpu.seconds == pytest.approx(sum(gpu.flops.values()) / 50_000e9)
+        assert gpu.to_json()["device"] == "cuda" and "GPU peak" in gpu.summary()
+        assert cpu.gpu_peak_bytes is None and cpu.to_json()["device"] == "cpu"
+    # calibrate on cuda: GPU peak = one layer (or the lm_head) plus one sample's working set, a few GB
+    cal = jp.make_plan("calibrate", spec, samples, sub, device="cuda", **kw)
+    assert cal.gpu_peak_bytes is not None and 4 * 487_605_248 < cal.gpu_peak_bytes < 8 * 10**9
+    assert cal.seconds < 3600  # minutes at 50 TFLOP/s, not the CPU's hours
+    # too little RAM on cuda: refused without suggesting --device cuda again
+    tight = jp.make_plan("calibrate", spec, samples, sub, device="cuda", **{**kw, "available": 10**9})
+    with pytest.raises(R1VError, match=r"RAM besides cached activations") as e:
+        jp.check_plan(tight)
+    assert "--device cuda" not in str(e.value)
