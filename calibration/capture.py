@@ -72,15 +72,6 @@ def _release(module: torch.nn.Module) -> None:
         module.to("meta")
 
 
-def _stats_to(stats: LayerStats, device: Device) -> None:
-    """Put a LayerStats' running sums (stats._Acc: float64 sums, float32 max, per channel) on `device`,
-    so the hooks accumulate where the layer runs; moved back to the CPU before the capture is yielded."""
-    for accs in stats.acc.values():
-        for acc in accs:
-            acc.sum_abs, acc.sum_sq = acc.sum_abs.to(device), acc.sum_sq.to(device)
-            acc.max_abs = acc.max_abs.to(device)
-
-
 @dataclass
 class LayerCapture:
     """Decoder layer `index` with everything a block-wise search needs, valid until the next layer.
@@ -261,7 +252,7 @@ def iter_layers(
             outputs = ActivationList(store, "outputs", n)
             stats = LayerStats.for_layer(i, layer) if collect_stats else None
             if stats:
-                _stats_to(stats, device)
+                stats.to(device)
             current: list[torch.Tensor] = [masks[0].to(device)] if masks else []
             hooks = stats.hooks(layer, current) if stats else contextlib.nullcontext()
             cap = LayerCapture(i, layer, inputs, outputs, masks, stats, cos, sin)
@@ -271,7 +262,7 @@ def iter_layers(
                     outputs[j] = cap.run(inputs[j]).cpu()
                     bar.update(1)
             if stats:
-                _stats_to(stats, CPU)
+                stats.to(CPU)
             yield cap
             store.drop("inputs")
             store.rename("outputs", "inputs")  # outputs become the next layer's inputs, no copy

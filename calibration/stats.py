@@ -59,6 +59,11 @@ class _Acc:
         self.max_abs = torch.zeros(dim, dtype=torch.float32)
         self.count = 0
 
+    def to(self, device: torch.device | str) -> None:
+        self.sum_abs, self.sum_sq, self.max_abs = (
+            t.to(device) for t in (self.sum_abs, self.sum_sq, self.max_abs)
+        )
+
     def add(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
@@ -80,6 +85,12 @@ class LayerStats:
     def for_layer(cls, layer_index: int, layer: nn.Module) -> LayerStats:
         dims = {g: layer.get_submodule(mod).in_features for g, (mod, _) in LINEAR_GROUPS.items()}
         return cls(layer_index, dims)
+
+    def to(self, device: torch.device | str) -> None:
+        """Keep the running sums where the layer runs, so the hooks accumulate there (and back after)."""
+        for accs in self.acc.values():
+            for acc in accs:
+                acc.to(device)
 
     def add(self, group: str, x: torch.Tensor, modality: torch.Tensor) -> None:
         """x: (n, d) inputs of one sample, modality: (n,) codes."""
