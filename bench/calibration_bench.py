@@ -1,4 +1,5 @@
-"""Calibration throughput and peak RSS, all in RAM versus under a memory budget (spilling to disk).
+"""Calibration throughput and peak RSS: all in RAM, `--max-memory auto` (the default: fitted to this
+machine by the preflight plan) and a small budget (spilling to disk); predicted vs measured peak RSS.
 
 Each configuration runs in its own subprocess so its peak RSS is its own:
 
@@ -31,9 +32,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _run(model: Path, out: Path, samples: int, seq_len: int, set_spec: str, budget: str | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", str(model), "--out", str(out), "--samples", str(samples)]
-    cmd += ["--seq-len", str(seq_len), "--set", set_spec]
-    if budget:
-        cmd += ["--max-memory", budget]
+    cmd += ["--seq-len", str(seq_len), "--set", set_spec, "--max-memory", budget or "none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"calibration failed ({budget=}):\n{proc.stderr[-2000:]}")
@@ -63,7 +62,7 @@ def main() -> None:
             print("building the tiny replica ...", file=sys.stderr)
             build_tiny(model, TinyOptions())
         rows = []
-        for label, budget in (("in RAM", None), (f"budget {args.budget}", args.budget)):
+        for label, budget in (("in RAM", None), ("auto", "auto"), (f"budget {args.budget}", args.budget)):
             res = _run(model, Path(tmp) / f"out-{len(rows)}", args.samples, args.seq_len, args.set, budget)
             rows.append((label, res))
     print(
@@ -75,6 +74,7 @@ def main() -> None:
         ("capture tokens/s", lambda r: f"{r['report']['tokens_per_second']:.0f}"),
         ("total seconds", lambda r: f"{r['report']['seconds']:.1f}"),
         ("peak RSS (MB)", lambda r: f"{r['peak_rss_bytes'] / 1e6:.0f}"),
+        ("planned peak (MB)", lambda r: f"{r['report']['plan']['predicted_peak_bytes'] / 1e6:.0f}"),
         ("cached in RAM (MB)", lambda r: f"{r['report']['memory']['peak_cached_ram_bytes'] / 1e6:.1f}"),
         ("spilled (MB)", lambda r: f"{r['report']['memory']['spilled_bytes'] / 1e6:.1f}"),
     ]
