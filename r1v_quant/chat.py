@@ -214,6 +214,20 @@ def interactive(
 @click.option("--prompt", "-p", default=None, help="Ask this once and exit (otherwise: interactive).")
 @click.option("--system", default=None, help="System message.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option(
+    "--torch-device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda[:N]",
+    help="With --model: where the torch backend runs (auto: CUDA when present).",
+)
+@click.option(
+    "--torch-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="With --model: compute dtype (auto: float32 on CPU, bfloat16 on CUDA).",
+)
 @click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
@@ -232,6 +246,8 @@ def chat_command(
     prompt: str | None,
     system: str | None,
     threads: int | None,
+    torch_device: str,
+    torch_dtype: str,
     n_ctx: int,
     max_new_tokens: int,
     temperature: float,
@@ -255,8 +271,9 @@ def chat_command(
         if not image.is_file():
             raise R1VError(f"image file not found: {image}")
     lm, vision = open_backend(
-        gguf=gguf, mmproj=mmproj, model=model, vision_onnx=vision_onnx, threads=threads, n_ctx=n_ctx
-    )
+        gguf=gguf, mmproj=mmproj, model=model, vision_onnx=vision_onnx, threads=threads, n_ctx=n_ctx,
+        torch_device=torch_device, torch_dtype=torch_dtype,
+    )  # fmt: skip
     session = ChatSession(
         lm, vision, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )

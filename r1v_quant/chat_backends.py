@@ -119,6 +119,7 @@ class TorchLM:
 
     def __init__(self, model: Any, tokenizer: Any, *, n_ctx: int):
         self.model = model
+        self.device = next(model.parameters()).device  # where open_backend put it
         self.tok = tokenizer
         self.flavor = model.spec.flavor
         self.n_embd = model.spec.llm.hidden_size
@@ -147,9 +148,13 @@ class TorchLM:
 
         lm = self.model.language_model
         t0 = time.perf_counter()
-        with torch.inference_mode():
+
+        def row(h: torch.Tensor) -> np.ndarray:  # the last position's float32 logits, on the host
+            return lm.logits(h[0, -1]).float().cpu().numpy()
+
+        with torch.inference_mode(), torch.device(self.device):
             x = torch.tensor([list(ids)])
-            rows = None if image_embeds is None else torch.from_numpy(image_embeds)
+            rows = None if image_embeds is None else torch.from_numpy(image_embeds).to(self.device)
             cache = KVCache(self.model.spec.llm.num_layers)
             hidden = lm.forward_embeds(self.model.embed(x, image_embeds=rows), cache)
             t1 = time.perf_counter()
@@ -157,11 +162,10 @@ class TorchLM:
             def feed(token: int) -> np.ndarray | None:
                 if cache.length + 1 > self.n_ctx:
                     return None
-                h = lm.forward_embeds(lm.model.embed_tokens(torch.tensor([[token]])), cache)
-                return lm.logits(h[0, -1]).numpy()
+                return row(lm.forward_embeds(lm.model.embed_tokens(torch.tensor([[token]])), cache))
 
             result = sample_tokens(
-                lm.logits(hidden[0, -1]).numpy(),
+                row(hidden),
                 feed,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
@@ -208,8 +212,9 @@ class TorchVision:
 
         spec = self.model.spec
         prepped = preprocess_for_spec(image, spec)
-        out = self.model.image_embeds(prepped.pixel_values)
-        return ImageEmbeds(out.reshape(-1, out.shape[-1]).float().numpy(), prepped.num_tiles)
+        weight = next(self.model.parameters())  # the model's device and dtype
+        out = self.model.image_embeds(prepped.pixel_values.to(device=weight.device, dtype=weight.dtype))
+        return ImageEmbeds(out.reshape(-1, out.shape[-1]).float().cpu().numpy(), prepped.num_tiles)
 
 
 class OnnxVision:
@@ -344,8 +349,11 @@ def open_backend(
     vision_onnx: Path | None = None,
     threads: int | None = None,
     n_ctx: int = 4096,
+    torch_device: str = "auto",
+    torch_dtype: str = "auto",
 ) -> tuple[LanguageModel, VisionEncoder | None]:
-    """Open the language model and the vision encoder a chat asks for (no vision: text-only chat)."""
+    """Open the language model and the vision encoder a chat asks for (no vision: text-only chat).
+    `torch_device` / `torch_dtype` place a --model checkpoint as `eval` does (RuntimeOptions)."""
     if (gguf is None) == (model is None):
         raise R1VError("give either --gguf (llama.cpp) or --model (torch checkpoint), not both or neither")
     onnx = OnnxVision(vision_onnx, threads=threads or 0) if vision_onnx is not None else None
@@ -363,12 +371,14 @@ def open_backend(
         raise R1VError("--mmproj goes with --gguf; a --model checkpoint has its own vision tower")
     import torch
 
+    from r1v_quant.eval_backends import RuntimeOptions
     from r1v_quant.model import R1VModel
     from r1v_quant.tokenizer import R1VTokenizer
 
     assert model is not None
+    device, dtype = RuntimeOptions(torch_device=torch_device, torch_dtype=torch_dtype).torch_placement()
     if threads:
         torch.set_num_threads(threads)
-    net = R1VModel.from_checkpoint(model)
+    net = R1VModel.from_checkpoint(model, dtype=dtype, device=device)
     lm = TorchLM(net, R1VTokenizer.from_dir(model), n_ctx=n_ctx)
     return lm, onnx or TorchVision(net)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -312,6 +313,19 @@ def test_user_errors_are_one_line(args: tuple[str, ...], needle: str, exported: 
     r = CliRunner().invoke(main, ["chat", *(a.format(g=exported, img=images["blue"]) for a in args)])
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_torch_chat_in_bfloat16(tiny_dir: Path, images: dict[str, Path]) -> None:
+    """--model with --torch-dtype bfloat16 (how a 38B checkpoint would chat on a GPU), here on the CPU."""
+    args = ["chat", "--model", str(tiny_dir), "--torch-device", "cpu", "--torch-dtype", "bfloat16"]
+    r = CliRunner().invoke(main, [*args, "--image", str(images["blue"]), "-p", COLOR_Q, "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["answer"] == "The answer is \\boxed{blue}." and data["vision"] == "vision tower (torch)"
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, ["chat", "--model", str(tiny_dir), "--torch-device", "cuda", "-p", "hi"])
+        assert r.exit_code == 2 and "--torch-device cuda" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 class Terminal:
