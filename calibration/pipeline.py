@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from r1v_quant.atomic import atomic_dir, check_output_dir
 from r1v_quant.checkpoint import Checkpoint, open_checkpoint
+from r1v_quant.device import resolve_device
 from r1v_quant.errors import R1VError
 
 from .capture import iter_layers
 from .dataset import CalibrationSet
-from .device import resolve_device
 from .job_plan import JobPlan, check_plan, peak_rss_bytes, plan_job
 from .loaders import load_set
 from .render import MODALITIES, RenderedSample, Renderer
@@ -99,7 +99,7 @@ def calibrate(
 
     `max_memory`: "auto" (fit to this machine, job_plan.py), a size, or None / "none" (no budget). The
     plan (peak RAM, spill, FLOPs) is made after the samples are rendered and before any forward pass; a
-    run that cannot fit memory or disk is refused there. `device`: auto | cpu | cuda (calibration/device.py),
+    run that cannot fit memory or disk is refused there. `device`: auto | cpu | cuda (r1v_quant/device.py),
     where the vision tower, the capture and the sensitivity pass run; activations stay in host RAM / spill."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

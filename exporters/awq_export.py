@@ -2,7 +2,7 @@
 
 Data flow: calibration.prepare/iter_layers (one decoder layer resident, activations under --max-memory)
 -> r1v_quant.awq.quantize_layer (the math); the vision tower, the capture, the sensitivity pass and the
-search all run on --device (calibration/device.py), the cached activations stay host-side
+search all run on --device (r1v_quant/device.py), the cached activations stay host-side
 -> one packed safetensors file per finished layer in a work directory (that is what --resume continues
 from) -> final checkpoint assembled with the 16-bit vision tower, mlp1, embeddings, lm_head and norms,
 config.json with quantization_config, the source's tokenizer, template, preprocessor and remote-code
@@ -113,11 +113,11 @@ def quantize_awq(
 ) -> dict[str, Any]:
     """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests."""
     from r1v_quant.calibration import ActivationStore, iter_layers, prepare
-    from r1v_quant.calibration.device import resolve_device  # shared with calibrate
     from r1v_quant.calibration.job_plan import check_plan, peak_rss_bytes, plan_job
     from r1v_quant.calibration.pipeline import show_plan
     from r1v_quant.calibration.sensitivity import modality_sensitivities  # shared with calibrate / gguf
     from r1v_quant.calibration.store import parse_max_memory
+    from r1v_quant.device import resolve_device  # shared with calibrate, eval, chat
 
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from r1v_quant.artifact import Artifact
+from r1v_quant.device import resolve_device
 from r1v_quant.errors import R1VError
 from r1v_quant.evalset import Window
 from r1v_quant.preprocess import ImageSource
@@ -124,17 +125,7 @@ class RuntimeOptions:
     torch_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
 
     def torch_placement(self) -> tuple[torch.device, torch.dtype]:
-        name = self.torch_device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise R1VError(f"--torch-device {name}: {e}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise R1VError(f"--torch-device {name}: expected auto, cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise R1VError(f"--torch-device {name}: this torch build sees no CUDA device (use cpu or auto)")
+        device = resolve_device(self.torch_device, "--torch-device")
         if self.torch_dtype == "auto":
             return device, torch.float32 if device.type == "cpu" else torch.bfloat16
         if self.torch_dtype not in TORCH_DTYPES:
@@ -178,7 +169,8 @@ class TorchBackend:
     def logprobs(self, window: Window) -> torch.Tensor:
         with torch.device(self.device):  # tensors the forward creates (cache, positions) land there too
             logits = self.model(window.input_ids[None].to(self.device), self._pixels(window.pixel_values))
-        return torch.log_softmax(logits[0].float().cpu()[window.score], -1)
+        # only the scored rows come back to the host (a 38B window's full logits are GBs)
+        return torch.log_softmax(logits[0][window.score.to(self.device)].float().cpu(), -1)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
         from r1v_quant.model import build_inputs

@@ -505,7 +505,7 @@ def test_awq_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     assert "sensitivity" not in report["plan"]["flops"]  # plain rounding measures no sensitivity
 
 
-# -- --device: vision, capture, sensitivity and search on one device (calibration/device.py) ----------------
+# -- --device: vision, capture, sensitivity and search on one device (r1v_quant/device.py) ----------------
 def test_awq_explicit_cpu_device_gives_identical_files(awq_run, tiny_dir: Path, tmp_path: Path) -> None:
     """The fixture ran with --device auto; on a CPU-only machine an explicit cpu gives the same bytes."""
     out_auto, report_auto, _ = awq_run

@@ -609,7 +609,7 @@ def test_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text())["plan"]["job"] == "calibrate"
 
 
-# -- --device (calibration/device.py): every pass device-aware, CPU results unchanged -----------------------
+# -- --device (r1v_quant/device.py): every pass device-aware, CPU results unchanged -----------------------
 def _capture_all(p, rendered, **kw) -> tuple[list[dict[str, torch.Tensor]], list[list[torch.Tensor]]]:
     stats, outs = [], []
     for cap in iter_layers(p.ckpt, p.renderer, p.cset, rendered, ActivationStore(), progress=False, **kw):
@@ -664,7 +664,7 @@ def test_calibrate_device_cpu_matches_auto_and_is_reported(
 
 
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from r1v_quant.calibration.device import resolve_device
+    from r1v_quant.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
