@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from replica_scoring import KINDS, kld_by_kind, model_or_tiny
+from replica_scoring import KINDS, kld_by_kind, model_or_tiny, reference
 
 from r1v_quant.calibration import prepare
-from r1v_quant.evalset import heldout_windows, window_logits
+from r1v_quant.evalset import window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
 from r1v_quant.model import R1VModel
 
@@ -56,17 +57,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir = model_or_tiny(args.model, tmp)
-        ref_model = R1VModel.from_checkpoint(model_dir)
-        windows = heldout_windows(model_dir, ref_model.spec, args.eval, args.eval)
-        ref = window_logits(ref_model, windows)
-        del ref_model
+        _, windows, ref = reference(model_dir, args.eval)
 
         def score(out: Path) -> dict[str, float]:
             klds = kld_by_kind(ref, window_logits(R1VModel.from_checkpoint(out), windows), windows)
             return {k: klds[k]["kld_mean"] for k in KINDS}
 
         base = AWQOptions(samples=args.samples, seq_len=args.seq_len)
-        quantize_awq(model_dir, tmp / "rtn", AWQOptions(**{**vars(base), "method": "rtn"}), progress=False)
+        quantize_awq(model_dir, tmp / "rtn", replace(base, method="rtn"), progress=False)
         rtn = score(tmp / "rtn")
         rows: dict[str, list[dict[str, float]]] = {}
 
@@ -75,7 +73,7 @@ def main() -> None:
             prep = prepare(model_dir, calib, samples, args.seq_len, seed=seed, progress=False)
             tokens = sum(r.length for r in prep.rendered)
             out = tmp / f"{label[:5]}-{seed}"
-            opts = AWQOptions(**{**vars(base), "calib": calib, "seed": seed, "samples": samples})
+            opts = replace(base, calib=calib, seed=seed, samples=samples)
             quantize_awq(model_dir, out, opts, progress=False)
             rows.setdefault(label, []).append({**score(out), "tokens": tokens})
             print(f"done {label}, seed {seed}: {rows[label][-1]}", flush=True)

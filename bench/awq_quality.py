@@ -25,10 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from replica_scoring import kld_by_kind, model_or_tiny
+from replica_scoring import kld_by_kind, model_or_tiny, reference
 
 from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.evalset import heldout_windows, window_logits
+from r1v_quant.evalset import window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
 from r1v_quant.model import R1VModel
 
@@ -175,9 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir = model_or_tiny(args.model, tmp)
-        ref = R1VModel.from_checkpoint(model_dir)
-        windows = heldout_windows(model_dir, ref.spec, args.eval, args.eval)
-        ref_logits = window_logits(ref, windows)
+        ref, windows, ref_logits = reference(model_dir, args.eval)
         base = AWQOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seeds[0])
         variants = {"rtn": replace(base, method="rtn")}
         for seed in args.seeds:

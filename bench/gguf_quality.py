@@ -25,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from replica_scoring import KINDS, kld_by_kind, model_or_tiny
+from replica_scoring import KINDS, kld_by_kind, model_or_tiny, reference
 
 from r1v_quant.calibration.pipeline import calibrate
-from r1v_quant.evalset import Window, heldout_windows, window_logits
+from r1v_quant.evalset import Window
 from r1v_quant.exporters.gguf_aware import MODALITY_MODES
 from r1v_quant.exporters.gguf_llm import export_llm_gguf
 from r1v_quant.llamacpp_runtime import LlamaCppRuntime
-from r1v_quant.model import R1VModel
 
 
 def llama_window_logits(
@@ -67,9 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir = model_or_tiny(args.model, tmp)
-        ref_model = R1VModel.from_checkpoint(model_dir)
-        windows = heldout_windows(model_dir, ref_model.spec, args.eval, args.eval)
-        ref = window_logits(ref_model, windows)
+        ref_model, windows, ref = reference(model_dir, args.eval)
         embeds = [
             None if w.pixel_values is None else ref_model.image_embeds(w.pixel_values).reshape(
                 -1, ref_model.spec.llm.hidden_size

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.evalset import Window
+from r1v_quant.evalset import Window, heldout_windows, window_logits
 from r1v_quant.metrics import kld_summary, token_kld
+from r1v_quant.model import R1VModel
 
 KINDS = ("text", "image")
 
@@ -24,6 +25,13 @@ def model_or_tiny(model: Path | None, tmp: Path) -> Path:
 
     build_tiny(tmp / "tiny", TinyOptions())
     return tmp / "tiny"
+
+
+def reference(model_dir: Path, n_eval: int) -> tuple[R1VModel, list[Window], list[torch.Tensor]]:
+    """The 16-bit model, `n_eval` held-out text and image-answer windows, and its logits on them."""
+    model = R1VModel.from_checkpoint(model_dir)
+    windows = heldout_windows(model_dir, model.spec, n_eval, n_eval)
+    return model, windows, window_logits(model, windows)
 
 
 def kld_by_kind(ref: list[torch.Tensor], cand: list[torch.Tensor], windows: list[Window]) -> dict[str, dict]:
