@@ -199,7 +199,7 @@ def run_torch(req: dict[str, Any]) -> dict[str, Any]:
     from r1v_quant.checkpoint import open_checkpoint
     from r1v_quant.llm import KVCache
     from r1v_quant.model import R1VModel
-    from r1v_quant.preprocess import expand_image_placeholders, preprocess_image
+    from r1v_quant.preprocess import expand_image_placeholders, preprocess_for_spec
     from r1v_quant.prompts import build_prompt
     from r1v_quant.tokenizer import R1VTokenizer
 
@@ -225,10 +225,7 @@ def run_torch(req: dict[str, Any]) -> dict[str, Any]:
     _, ids_list = sized_prompt(render, tok.encode, req["prompt_tokens"])
     warm_up_torch(spec, device, dtype)
     if tiles:  # first use of the image libraries (decoders, resampling) is the runtime's, not the model's
-        preprocess_image(
-            req["image"], image_size=tiling["size"], min_num=tiling["min"], max_num=tiling["max"],
-            use_thumbnail=tiling["thumbnail"], dynamic=tiling["dynamic"],
-        )  # fmt: skip
+        preprocess_for_spec(req["image"], spec)
     onnx = None
     if req.get("onnx_vision"):
         from r1v_quant.exporters.onnx_runner import OnnxVisionEncoder  # imported before the baseline
@@ -254,10 +251,7 @@ def run_torch(req: dict[str, Any]) -> dict[str, Any]:
         t_req = _now()
         pixels = None
         if tiles:
-            pixels = preprocess_image(
-                req["image"], image_size=tiling["size"], min_num=tiling["min"], max_num=tiling["max"],
-                use_thumbnail=tiling["thumbnail"], dynamic=tiling["dynamic"],
-            ).pixel_values  # fmt: skip
+            pixels = preprocess_for_spec(req["image"], spec).pixel_values
         ids = torch.tensor([ids_list], device=device)
         t_pre = _now()
         emb = None
