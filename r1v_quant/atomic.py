@@ -6,14 +6,13 @@ An interrupted run (Ctrl-C, kill, full disk) therefore never leaves something th
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from r1v_quant.errors import R1VError
+from r1v_quant.errors import R1VError, os_errno, os_error
 
 
 def _umask() -> int:
@@ -42,19 +41,21 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `final` on success, delete it on failure."""
     final = Path(final)
     check_output_dir(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    except OSError as e:
+        raise os_error(e, final, "create the output folder") from None
     try:
         yield tmp
         _publish_mode(tmp, directory=True)
         if final.exists():
             final.rmdir()  # empty (checked above); rename needs it gone
         os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(e, final) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and os_errno(e) is not None:  # OSError, or a writer's wrapped one
+            raise os_error(e, final) from None
         raise
 
 
@@ -62,8 +63,11 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
 def atomic_file(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `final`; `os.replace` it into place on success."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as e:
+        raise os_error(e, final, "write") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -71,20 +75,13 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
         if tmp.exists():
             _publish_mode(tmp, directory=False)
         os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise _os_error(e, final) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and os_errno(e) is not None:  # OSError, or a writer's wrapped one
+            raise os_error(e, final) from None
         raise
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
-
-
-def _os_error(e: OSError, where: Path) -> R1VError:
-    if e.errno == errno.ENOSPC:
-        return R1VError(f"{where}: no space left on device (nothing was written under the final name)")
-    return R1VError(f"{where}: {e.strerror or e}")

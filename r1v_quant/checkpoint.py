@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from r1v_quant.atomic import atomic_file
-from r1v_quant.errors import CheckpointError, R1VError
+from r1v_quant.errors import CheckpointError, R1VError, os_error
+from r1v_quant.finite import check_finite
 from r1v_quant.hub import snapshot_blobs
 from r1v_quant.spec import LLM_PREFIX, VIT_PREFIX, ModelSpec, load_spec
 
@@ -51,29 +53,116 @@ class TensorInfo:
         return math.prod(self.shape) * DTYPE_BYTES.get(self.dtype, 4)
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check the file really holds every byte it promises."""
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+# Non-persistent buffers some exports carry; nothing reads them (RoPE is computed), so they may be present.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refusing anything but a regular file (a FIFO would block forever)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing shard {path.name} (named in the index)") from None
+    except OSError as e:
+        raise os_error(e, path, "read the shard") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path.name}: not a regular file (refused)")
+    return fd
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check it the way the safetensors library does.
+
+    The header is a JSON object; every entry but `__metadata__` (a string -> string object) has a known
+    `dtype`, a `shape` of non-negative integers and `data_offsets` [begin, end] whose length matches
+    dtype x shape; sorted by offset, the tensors tile the data area exactly (no gap, no overlap, nothing
+    after the last one). A file shorter than its header promises is reported as truncated.
+    """
+    fd = _open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{path.name}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path.name}: truncated or corrupt safetensors header")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"missing shard {path.name} (named in the index)") from None
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path.name}: corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise os_error(e, path, "read the shard") from None
+    data_len = size - 8 - n
+    spans = _check_entries(path.name, header)
+    end = spans[-1][1] if spans else 0
+    if end > data_len:
         raise CheckpointError(
             f"{path.name}: truncated shard ({size} bytes on disk, header promises {8 + n + end})"
         )
+    offset = 0
+    for begin, stop, name in spans:
+        if begin != offset:
+            what = "overlaps the previous tensor" if begin < offset else "leaves a gap before it"
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (tensor {name!r} {what})")
+        offset = stop
+    if offset != data_len:
+        raise CheckpointError(
+            f"{path.name}: corrupt safetensors header ({data_len - offset} bytes after the last tensor)"
+        )
     header["__data_start__"] = 8 + n
     return header
+
+
+def _check_entries(shard: str, header: Any) -> list[tuple[int, int, str]]:
+    """Each entry's shape, dtype and byte range; returns the ranges sorted by offset."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{shard}: corrupt safetensors header ({what})")
+
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map strings to strings")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise bad(f"entry {name!r} is not an object")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in entry:
+                raise bad(f"entry {name!r} has no {key!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{shard}: tensor {name!r} has a bad dtype or size (dtype {dtype!r})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"entry {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise bad(f"entry {name!r} has data_offsets {offsets!r}")
+        begin, stop = offsets
+        if stop < begin or stop - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{shard}: tensor {name!r} has a bad dtype or size")
+        spans.append((begin, stop, name))
+    return sorted(spans)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -118,15 +207,20 @@ class Checkpoint:
             try:
                 data = json.loads(index.read_text())
                 wm = data["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{index.name}: not a valid safetensors index") from None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError(
+                    f"{index.name}: not a valid safetensors index ('weight_map' must map tensor names to "
+                    f"shard file names, {_found(wm)})"
+                )
             for shard in set(wm.values()):
                 _inside(self.path, shard)
                 if shard.endswith(PICKLE_SUFFIXES):
                     raise CheckpointError(f"index names pickle weights {shard!r}: refused (never unpickled)")
             return dict(wm)
-        if (self.path / SINGLE_NAME).is_file():
-            header = read_header(self.path / SINGLE_NAME)
+        if (self.path / SINGLE_NAME).exists():
+            header = read_header(_inside(self.path, SINGLE_NAME))  # a link leading outside: never opened
             return {k: SINGLE_NAME for k in header if k not in ("__metadata__", "__data_start__")}
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -147,9 +241,10 @@ class Checkpoint:
             for name, meta in header.items():
                 if name != "__metadata__":
                     b, e = meta["data_offsets"]
+                    if name in self._infos:
+                        other = self._infos[name].shard
+                        raise CheckpointError(f"tensor {name!r} is stored twice ({other} and {shard})")
                     info = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), shard, base + b, base + e)
-                    if info.dtype not in TORCH_DTYPES or info.end - info.start != info.nbytes:
-                        raise CheckpointError(f"{shard}: tensor {name!r} has a bad dtype or size")
                     self._infos[name] = info
         for name, shard in self.weight_map.items():
             info = self._infos.get(name)
@@ -191,15 +286,21 @@ class Checkpoint:
             mmap.mmap(f.fileno(), info.end - offset, access=mmap.ACCESS_READ, offset=offset) as mm,
         ):
             buf = bytearray(mm[info.start - offset : info.end - offset])
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        t = torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        check_finite(t, f"tensor {name!r} ({info.shard})", "the checkpoint is damaged")
+        return t
 
     def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {n: self.get(n) for n in names}
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors under `prefix.` with the prefix stripped."""
+        """All tensors under `prefix.` with the prefix stripped (ignorable buffers left out)."""
         p = prefix + "."
-        return {n[len(p) :]: self.get(n) for n in self.weight_map if n.startswith(p)}
+        return {
+            n[len(p) :]: self.get(n)
+            for n in self.weight_map
+            if n.startswith(p) and not n.endswith(IGNORED_SUFFIXES)
+        }
 
     def layer(self, i: int, *, vision: bool = False) -> dict[str, torch.Tensor]:
         """One decoder layer (or ViT layer): the unit of streaming."""
@@ -215,19 +316,43 @@ class Checkpoint:
             yield i, self.layer(i, vision=vision)
 
     def validate(self) -> None:
-        """Every tensor the spec expects is present with the expected shape."""
+        """Exactly the tensors the spec describes (plus ignorable buffers), each with the expected shape.
+
+        Checked against the index's names, so a tensor the index forgets is missing even when its shard
+        holds it; shapes are checked where the shards are present.
+        """
         if self.spec.is_quantized:
             return  # quantized checkpoints are validated by their own loader
-        for name, shape in self.spec.tensor_shapes().items():
-            if name not in self._infos:
-                raise CheckpointError(f"checkpoint lacks tensor {name!r}")
-            if self._infos[name].shape != shape:
+        shapes = self.spec.tensor_shapes()
+        missing = [n for n in shapes if n not in self.weight_map]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {_some(missing)} (required by config.json)")
+        extra = [n for n in self.weight_map if n not in shapes and not n.endswith(IGNORED_SUFFIXES)]
+        if extra:
+            raise CheckpointError(
+                f"checkpoint holds {_some(extra)}, which config.json does not describe (another "
+                "architecture, or a damaged index?)"
+            )
+        for name, shape in shapes.items():
+            info = self._infos.get(name)
+            if info is not None and info.shape != shape:
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {list(self._infos[name].shape)}, config implies {list(shape)}"
+                    f"tensor {name!r} has shape {list(info.shape)}, config implies {list(shape)}"
                 )
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
+
+
+def _found(wm: Any) -> str:
+    return f"found a {type(wm).__name__}" if not isinstance(wm, dict) else "found other values"
+
+
+def _some(names: list[str]) -> str:
+    """For a message: "tensor 'a'", "tensors 'a', 'b', 'c'", "tensors 'a', 'b', 'c' and 9 more"."""
+    shown = ", ".join(repr(n) for n in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"tensor{'s' if len(names) > 1 else ''} {shown}{more}"
 
 
 def open_checkpoint(path: Path | str, *, flavor: str | None = None, validate: bool = True) -> Checkpoint:
@@ -261,6 +386,7 @@ class ShardedWriter:
         if name in self._pending or any(name in names for _, names in self._shards):
             raise R1VError(f"tensor {name!r} written twice")
         t = tensor.detach().contiguous().cpu()
+        check_finite(t, f"output tensor {name!r}", "nothing was written")
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()

@@ -52,7 +52,9 @@ class R1VModel(nn.Module):
 
             state = awq_state_dict(ckpt, dtype, device)
         else:
-            state = {name: ckpt.get(name).to(device=device, dtype=dtype) for name in ckpt.names()}
+            # the spec's names: validate() allows ignorable buffers (rotary inv_freq) beside them
+            names = ckpt.spec.tensor_shapes()
+            state = {name: ckpt.get(name).to(device=device, dtype=dtype) for name in names}
         with torch.device("meta"):
             model = cls(ckpt.spec)
         model.load_state_dict(state, strict=True, assign=True)

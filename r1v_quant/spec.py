@@ -387,9 +387,17 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    for key in ("llm_config", "vision_config"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise CheckpointError(f"{path}: '{key}' must be a JSON object, found {type(cfg[key]).__name__}")
+    return cfg
 
 
 def load_spec(model_dir: Path | str, *, flavor: str | None = None) -> ModelSpec:
@@ -407,7 +415,13 @@ def load_spec(model_dir: Path | str, *, flavor: str | None = None) -> ModelSpec:
         chat_template = tok.chat_template
     if flavor is not None and flavor not in FLAVORS:
         raise CheckpointError(f"unknown flavour {flavor!r}: expected one of {', '.join(FLAVORS)}")
-    return parse_config(cfg, flavor=flavor, chat_template=chat_template, tokens=tokens)
+    try:
+        return parse_config(cfg, flavor=flavor, chat_template=chat_template, tokens=tokens)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        # a value of the wrong JSON type ("hidden_size": "big", "architectures": {}): data, not a bug
+        raise CheckpointError(
+            f"{model_dir / 'config.json'}: a value has the wrong type or form ({type(e).__name__}: {e})"
+        ) from None
 
 
 def param_count(shapes: dict[str, tuple[int, ...]]) -> int:
