@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from r1v_quant import __version__
-from r1v_quant.errors import R1VError
+from r1v_quant.errors import R1VError, os_errno, os_error
 from r1v_quant.hub import model_argument
 
 # Commands that live with their pipeline stage, imported only when used (their heavy or optional
@@ -34,7 +34,8 @@ EXTRAS = {
 
 
 class Group(click.Group):
-    """User mistakes become one line on stderr and exit code 2; Ctrl-C exits 130. No tracebacks."""
+    """User mistakes and failed file operations become one line on stderr and exit code 2; Ctrl-C exits
+    130. No tracebacks."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
@@ -60,6 +61,13 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as e:
+            # a file operation no command anticipated (read-only or full disk, a path under a file, ...):
+            # still one line naming the path; anything else is a bug and keeps its traceback
+            if os_errno(e) is None and not isinstance(e, OSError):
+                raise
+            click.echo(f"error: {os_error(e)}", err=True)
+            sys.exit(2)
 
 
 def _emit(data: Any, as_json: bool, text: str) -> None:
@@ -94,6 +102,7 @@ def tiny(
     from tqdm import tqdm
 
     from r1v_quant.atomic import check_output_dir
+    from r1v_quant.outputs import claim_output
     from r1v_quant.tiny import TinyOptions, build_tiny
 
     check_output_dir(out)
@@ -101,7 +110,10 @@ def tiny(
     opts = TinyOptions(
         flavor=flavor, vit=vit, seed=seed, steps=steps, llm_layers=llm_layers, outliers=not no_outliers
     )
-    with tqdm(total=steps, desc="training tiny replica", unit="step", disable=as_json or steps == 0) as bar:
+    with (
+        claim_output(out),
+        tqdm(total=steps, desc="training tiny replica", unit="step", disable=as_json or steps == 0) as bar,
+    ):
 
         def progress(step: int, loss: float) -> None:
             bar.update(1)

@@ -1,0 +1,76 @@
+"""Ctrl-C where Python cannot raise it safely: inside C calls that call back into Python, and in children.
+
+* `deferred_interrupt()`: SIGINT is recorded instead of raised while the block runs (a KeyboardInterrupt
+  raised inside a ctypes callback, e.g. llama.cpp's log callback, is printed and swallowed, and the C code
+  carries on), then raised as KeyboardInterrupt when the block ends. Also used to make a publish step
+  (several renames plus a manifest) all-or-nothing with respect to Ctrl-C.
+* `run_child()`: a long C job (llama.cpp's quantizer) runs in a child process, so Ctrl-C ends it at once:
+  the child dies on SIGINT (default action), the parent kills it if it did not, waits, and raises
+  KeyboardInterrupt. The child also dies with its parent (`die_with_parent`), so a SIGKILLed run leaves
+  no orphan writing into a folder the next run owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
+
+PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold SIGINT until the block ends, then raise KeyboardInterrupt if one arrived meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; elsewhere there is nothing to defer
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if old in (signal.SIG_IGN, None):
+        yield  # SIGINT is ignored (e.g. started with nohup): keep it that way
+        return
+    got: list[int] = []
+
+    def record(signum: int, _frame: FrameType | None) -> None:
+        got.append(signum)
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
+def run_child(args: Sequence[str], *, env: dict[str, str] | None = None) -> int:
+    """Run `args` to completion and return its exit status; Ctrl-C kills it and raises KeyboardInterrupt.
+
+    A child killed by SIGINT (the terminal sends it to the whole foreground group) also counts as Ctrl-C.
+    """
+    proc = subprocess.Popen(list(args), env=env)
+    try:
+        rc = proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        raise
+    if rc == -signal.SIGINT:
+        raise KeyboardInterrupt
+    return rc
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child: default SIGINT (Ctrl-C ends it even inside C code), and SIGKILL when the parent dies."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # Linux; elsewhere the check below remains
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
