@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from r1v_quant.errors import R1VError
+from r1v_quant.finite import describe_value, first_nonfinite
 
 ROW_BLOCK_BYTES = 256 * 1024**2  # float32 scratch per conversion step, whatever the tensor size
 F16_MAX = 65504.0
@@ -84,10 +85,34 @@ def quantize_rows(
     step = max(1, row_block_bytes // (4 * cols))
     for i in range(0, rows, step):
         block = flat[i : i + step].float().numpy()
+        bad = first_nonfinite(block)
+        if bad is not None:
+            (r, c), value = bad
+            raise R1VError(
+                f"tensor {name!r} holds {describe_value(value)} at index {[i + r, c]} (its first non-finite "
+                "value); nothing was written"
+            )
         if qtype == q.F16 and np.abs(block).max(initial=0.0) > F16_MAX:
             raise R1VError(f"tensor {name!r} has values beyond the float16 range: {f16_hint}")
-        out[i : i + step] = gguf.quants.quantize(block, qtype)
+        out[i : i + step] = packed = gguf.quants.quantize(block, qtype)
+        if qtype not in (q.F32, q.F16, q.BF16):
+            _check_block_scales(packed, qtype, name, i, cols, f16_hint)
     return out.reshape(shape) if qtype in (q.F32, q.F16) else out
+
+
+def _check_block_scales(packed: np.ndarray, qtype: Any, name: str, row0: int, cols: int, hint: str) -> None:
+    """Q8_0 / Q4_0 blocks start with a float16 scale (block max / 127 or / 8): one beyond float16's range
+    would dequantize to Inf, so it is refused like an F16 overflow."""
+    gguf = import_gguf()
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    scales = np.ascontiguousarray(packed.reshape(-1, type_size)[:, :2]).view(np.float16).reshape(-1)
+    ok = np.isfinite(scales)
+    if not ok.all():
+        k = int(np.flatnonzero(~ok)[0]) * block_size  # first element of the first bad block
+        raise R1VError(
+            f"tensor {name!r} has values beyond what {qtype.name}'s float16 block scales hold (block at "
+            f"index {[row0 + k // cols, k % cols]}): {hint}"
+        )
 
 
 @contextmanager

@@ -21,10 +21,9 @@ is read from its memory-mapped shard, converted in row blocks and appended to th
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import glob
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from r1v_quant.checkpoint import Checkpoint, open_checkpoint
-from r1v_quant.errors import R1VError
+from r1v_quant.errors import R1VError, os_error
 from r1v_quant.hub import model_name
+from r1v_quant.outputs import require_free_space
 from r1v_quant.spec import LLM_PREFIX, ModelSpec, read_config
 
 from .gguf_aware import (
@@ -48,7 +48,7 @@ from .gguf_aware import (
     plan_aware,
 )
 from .gguf_common import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
-from .gguf_common import add_tensor_infos, import_gguf, llama_log, quantize_rows, tensor_nbytes, write_header
+from .gguf_common import add_tensor_infos, import_gguf, quantize_rows, tensor_nbytes, write_header
 from .gguf_imatrix import write_imatrix_gguf
 from .gguf_vocab import add_vocab, load_vocab
 from .quantize import (
@@ -310,6 +310,8 @@ def export_llm_gguf(
     activation_aware: bool = False,
     modality_weights: str = "auto",
     split_max_size: int = 0,
+    staging: Path | str | None = None,
+    extra_bytes: int = 0,
 ) -> dict[str, Any]:
     """Export the language model of the checkpoint at `model_dir` to the GGUF file `out_path`.
 
@@ -324,6 +326,10 @@ def export_llm_gguf(
     `split_max_size` > 0: shards of at most that many tensor bytes (`<stem>-00001-of-0000N.gguf`).
     Outputs appear under their final names only when complete. `flavor` overrides the detected release
     (it picks the pre-tokenizer name). Returns a report: type, path, files, bytes, tensors, seconds.
+    `staging`: a private folder beside the output (same file system) where the finished files are left
+    for the caller to publish with others (`gguf` publishes the GGUF and its mmproj together); the report
+    then lists them under `staged` and `path` / `files` name where they will go. `extra_bytes`: what
+    the caller writes beside it in the same run (the mmproj), counted in the up-front space check.
     """
     t0 = time.perf_counter()
     gguf_type = normalize_type(gguf_type)
@@ -391,49 +397,62 @@ def export_llm_gguf(
         report["aware"] = aware.report
     python_path = gguf_type in PYTHON_TYPES and not uses_imatrix
     src_type = gguf_type if python_path else _intermediate_type(ckpt)
-    check_free_space(ckpt, out_path.parent, tmp_dir, gguf_type, src_type, python_path, split_max_size)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(
+        ckpt, out_path.parent, tmp_dir, gguf_type, src_type, python_path, split_max_size, extra_bytes
+    )
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.partial-", dir=out_path.parent) as work:
-            staged = Path(work) / out_path.name
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if staging is None:
+                temp = tempfile.TemporaryDirectory(prefix=f".{out_path.name}.partial-", dir=out_path.parent)
+                work = Path(stack.enter_context(temp))
+            else:
+                work = Path(staging)
+            staged_llm = work / out_path.name
             if python_path:
                 n, files = write_llm_gguf(
-                    source, staged, gguf_type, name=name, progress=progress, split_max_size=split_max_size,
-                    meta=meta,
+                    source, staged_llm, gguf_type, name=name, progress=progress,
+                    split_max_size=split_max_size, meta=meta,
                 )  # fmt: skip
             else:
-                scratch = Path(tmp_dir) if tmp_dir is not None else Path(work)
+                scratch = Path(tmp_dir) if tmp_dir is not None else work
                 scratch.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(prefix=".r1v-gguf-", dir=scratch) as td:
                     src = Path(td) / f"{name}-{src_type}.gguf"
                     n, _ = write_llm_gguf(source, src, src_type, name=name, progress=progress, meta=meta)
-                    single = Path(work) / f".single-{out_path.name}"
-                    with llama_log(progress):
-                        llama_quantize(
-                            src,
-                            single,
-                            gguf_type,
-                            nthread=nthread,
-                            imatrix=aware.imatrix.means() if uses_imatrix and aware is not None else None,
-                        )
+                    single = work / f".single-{out_path.name}"
+                    llama_quantize(
+                        src,
+                        single,
+                        gguf_type,
+                        nthread=nthread,
+                        imatrix=aware.imatrix.means() if uses_imatrix and aware is not None else None,
+                        verbose=progress,
+                    )
                 if split_max_size:
-                    files = split_gguf(single, staged, split_max_size)
+                    files = split_gguf(single, staged_llm, split_max_size)
                     single.unlink()
                 else:
-                    single.rename(staged)
-                    files = [staged]
+                    single.rename(staged_llm)
+                    files = [staged_llm]
                 report["intermediate"] = src_type
             staged_imatrix = None
             if aware is not None and imatrix_path is not None:
-                staged_imatrix = write_imatrix_gguf(aware.imatrix, Path(work) / imatrix_path.name)
-            finals = publish([*files, *([staged_imatrix] if staged_imatrix else [])], out_path.parent)
+                staged_imatrix = write_imatrix_gguf(aware.imatrix, work / imatrix_path.name)
+            staged = [*files, *([staged_imatrix] if staged_imatrix else [])]
+            nbytes = sum(p.stat().st_size for p in files)
+            if staging is None:
+                finals = publish(staged, out_path.parent)
+            else:
+                finals = [out_path.parent / p.name for p in staged]
+                report["staged"] = [str(p) for p in staged]
     except OSError as e:
         raise disk_error(e, out_path.parent) from None
     shards = finals[: len(files)]
     report.update(
         path=str(shards[0]),
         files=[str(p) for p in shards],
-        bytes=sum(p.stat().st_size for p in shards),
+        bytes=nbytes,
         tensors=n,
         seconds=round(time.perf_counter() - t0, 2),
     )
@@ -463,9 +482,7 @@ def publish(staged: list[Path], out_dir: Path) -> list[Path]:
 
 
 def disk_error(e: OSError, where: Path) -> R1VError:
-    if e.errno == errno.ENOSPC:
-        return R1VError(f"{where}: no space left on device (nothing was written under the final name)")
-    return R1VError(f"{where}: {e.strerror or e}")
+    return os_error(e, where, "write the GGUF")
 
 
 def check_free_space(
@@ -476,26 +493,21 @@ def check_free_space(
     src_type: str,
     python_path: bool,
     split_max_size: int,
+    extra_bytes: int = 0,
 ) -> None:
-    """Refuse up front when the output (and for K-quants the 16-bit intermediate) cannot fit."""
+    """Refuse up front when the output, the caller's `extra_bytes` beside it (the mmproj) and, for K-quants,
+    the 16-bit intermediate cannot fit (locations on one file system counted together)."""
     from r1v_quant.formats import GGML_BITS
 
     from .gguf_aware import PROXY_TYPES
 
-    base = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
     src_bytes = sum(t.nbytes for t in plan_tensors(ckpt, src_type if src_type in PYTHON_TYPES else "F16"))
     if python_path:
-        needs = {base: src_bytes}
+        needs = {out_dir: src_bytes + extra_bytes}
     else:
         bits = GGML_BITS.get(PROXY_TYPES.get(gguf_type, ("Q4_K", 0))[0], 4.5)
         out_bytes = int(src_bytes * bits / 16) * (2 if split_max_size else 1)  # split: a copy of the file
-        scratch = Path(tmp_dir) if tmp_dir is not None else base
-        scratch = scratch if scratch.exists() else next(p for p in scratch.parents if p.exists())
-        needs = {base: out_bytes}
+        scratch = Path(tmp_dir) if tmp_dir is not None else out_dir
+        needs = {out_dir: out_bytes + extra_bytes}
         needs[scratch] = needs.get(scratch, 0) + src_bytes
-    for where, need in needs.items():
-        free = shutil.disk_usage(where).free
-        if need > free:
-            raise R1VError(
-                f"{where}: not enough free space ({free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB needed)"
-            )
+    require_free_space(needs, "the GGUF files")

@@ -42,6 +42,7 @@ from r1v_quant.checkpoint import open_checkpoint
 from r1v_quant.errors import R1VError
 from r1v_quant.hub import model_name
 from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from r1v_quant.signals import deferred_interrupt
 from r1v_quant.spec import VIT_PREFIX, ModelSpec
 
 from .gguf_common import add_tensor_infos, import_gguf, quantize_rows, tensor_nbytes, write_header
@@ -261,13 +262,15 @@ def export_mmproj_gguf(
     position_fix: str = "auto",
     strict: bool = False,
     flavor: str | None = None,
+    staging: Path | str | None = None,
 ) -> dict[str, Any]:
     """Export the vision tower + mlp1 of the checkpoint at `model_dir` as an mmproj GGUF at `out_path`.
 
     `mmproj_type`: F16 | F32 | Q8_0 (2-D weights; see the module docstring for the fixed-type tensors).
     `position_fix`: auto | shift | none (module docstring). `strict`: raise instead of falling back to F16
     for rows a Q8_0 block does not divide. Returns a report: path, type, position_fix, tensors, bytes,
-    f16_fallback, probe (auto only), seconds.
+    f16_fallback, probe (auto only), seconds. `staging`: write into that private folder instead and leave
+    the file there for the caller to publish (the report's `staged`); `path` still names the final file.
     """
     t0 = time.perf_counter()
     mmproj_type = normalize_mmproj_type(mmproj_type)
@@ -288,8 +291,10 @@ def export_mmproj_gguf(
     plan, fallback = plan_mmproj(spec, mmproj_type, strict=strict)
     for name in fallback:
         log.warning("%s: row length not a multiple of the %s block; written as F16", name, mmproj_type)
-    fix, probe = resolve_position_fix(position_fix)
-    with atomic_file(out_path) as tmp:
+    with deferred_interrupt():  # libmtmd logs through a Python callback, where Ctrl-C would be swallowed
+        fix, probe = resolve_position_fix(position_fix)
+    target = out_path if staging is None else Path(staging) / out_path.name
+    with atomic_file(target) as tmp:
         write_mmproj(
             tmp, spec, ckpt.get, plan, mmproj_type=mmproj_type, position_fix=fix, name=model_name(ckpt.path)
         )
@@ -300,13 +305,21 @@ def export_mmproj_gguf(
         "position_fix": fix,
         "position_fix_requested": position_fix,
         "tensors": len(plan),
-        "bytes": out_path.stat().st_size,
+        "bytes": target.stat().st_size,
         "f16_fallback": fallback,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if probe:
         report["probe"] = probe
+    if staging is not None:
+        report["staged"] = [str(target)]
     return report
+
+
+def mmproj_bytes_planned(spec: ModelSpec, mmproj_type: str = "F16") -> int:
+    """Tensor bytes of the mmproj file (its metadata adds a few kB): for the up-front space check."""
+    plan, _ = plan_mmproj(spec, normalize_mmproj_type(mmproj_type))
+    return sum(t.nbytes for t in plan)
 
 
 def _default_mode(path: Path) -> None:

@@ -8,8 +8,10 @@ are never imitated here: we hand a 16-bit GGUF to libllama and rename its output
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from r1v_quant.atomic import atomic_file
 from r1v_quant.errors import R1VError
+from r1v_quant.signals import die_with_parent, run_child
 
 # Types the gguf package packs in Python: name -> (ggml type name, llama_ftype name for general.file_type).
 PYTHON_TYPES: dict[str, tuple[str, str]] = {
@@ -96,13 +99,19 @@ def llama_quantize(
     *,
     nthread: int = 0,
     imatrix: dict[str, np.ndarray] | None = None,
+    verbose: bool = False,
 ) -> None:
     """Quantize the 16/32-bit GGUF `src` to `gguf_type` (a key of LLAMA_TYPES) at `dst`, atomically.
 
     `nthread` <= 0 uses every core. `imatrix`: per-column importance (mean x²) per GGUF weight name, handed
     to libllama as `llama_model_quantize_params.imatrix`; with one, IMATRIX_PURE_TYPES are accepted too.
-    The output is written under a temporary name next to `dst` and renamed only when libllama reports
-    success, so `dst` never holds a half-written file.
+    `verbose`: libllama's per-tensor log on stderr.
+
+    libllama runs in a child process (`python -m r1v_quant.exporters.quantize`): its quantizer has no
+    abort hook, and a Ctrl-C that lands in its log callback would be swallowed there, so in-process it
+    could be neither interrupted nor stopped cleanly. The child dies on Ctrl-C and with its parent
+    (r1v_quant.signals). The output is written under a temporary name next to `dst` and renamed only
+    when libllama reports success, so `dst` never holds a half-written file.
     """
     name = gguf_type.upper()
     pure = imatrix is not None and name in IMATRIX_PURE_TYPES
@@ -113,18 +122,31 @@ def llama_quantize(
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise R1VError(f"{src}: no such GGUF file")
-    lc = import_llama_cpp()
-    params = lc.llama_model_quantize_default_params()
-    params.ftype = getattr(lc, IMATRIX_PURE_TYPES[name] if pure else LLAMA_TYPES[name])
-    params.nthread = nthread if nthread > 0 else (os.cpu_count() or 1)
-    params.pure = pure
-    keep: list[Any] = []
-    if imatrix is not None:
-        arr, keep = imatrix_array(lc, imatrix)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
-        keep.append(arr)
+    import_llama_cpp()  # a missing extra is reported here, in one line, not by the child
+    request: dict[str, Any] = {
+        "src": str(src),
+        "ftype": IMATRIX_PURE_TYPES[name] if pure else LLAMA_TYPES[name],
+        "nthread": nthread if nthread > 0 else (os.cpu_count() or 1),
+        "pure": pure,
+        "verbose": verbose,
+        "parent": os.getpid(),
+    }
     with atomic_file(dst) as tmp:
-        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        request["dst"] = str(tmp)
+        matrix = tmp.with_name(tmp.name + ".imatrix.npz")
+        try:
+            if imatrix is not None:
+                for key, values in imatrix.items():
+                    v = np.asarray(values)
+                    if v.ndim != 1 or not np.isfinite(v).all():
+                        raise R1VError(
+                            f"importance matrix for {key}: expected finite values, one per input column"
+                        )
+                np.savez(matrix, **{k: np.ascontiguousarray(v, np.float32) for k, v in imatrix.items()})
+                request["imatrix"] = str(matrix)
+            rc = run_child([sys.executable, "-m", __name__, json.dumps(request)])
+        finally:
+            matrix.unlink(missing_ok=True)
         if rc != 0 and shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES:
             # libllama reports a failed write only as "failed"; a full disk is the common reason
             raise R1VError(
@@ -136,4 +158,33 @@ def llama_quantize(
                 f"llama.cpp failed to quantize {src.name} to {name} (code {rc}; see its log above)"
             )
         set_default_mode(tmp)
+
+
+def _quantize_child(request: dict[str, Any]) -> int:
+    """The child's side of `llama_quantize`: one libllama call; returns its status."""
+    import logging
+
+    die_with_parent(int(request["parent"]))
+    lc = import_llama_cpp()
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if request["verbose"] else logging.ERROR)
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, request["ftype"])
+    params.nthread = int(request["nthread"])
+    params.pure = bool(request["pure"])
+    keep: list[Any] = []
+    if request.get("imatrix"):
+        with np.load(request["imatrix"], allow_pickle=False) as z:
+            arr, keep = imatrix_array(lc, {k: z[k] for k in z.files})
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
+        keep.append(arr)
+    rc = lc.llama_model_quantize(request["src"].encode(), request["dst"].encode(), ctypes.byref(params))
     del keep  # the arrays libllama read from had to stay alive until here
+    return int(rc)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(1 if _quantize_child(json.loads(sys.argv[1])) else 0)
+    except R1VError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

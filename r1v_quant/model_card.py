@@ -9,7 +9,6 @@ the rest, and a re-render keeps an earlier measured table.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 from collections.abc import Iterable
@@ -23,11 +22,15 @@ import yaml
 
 from r1v_quant import __version__
 from r1v_quant.atomic import write_text_atomic
-from r1v_quant.errors import R1VError
+from r1v_quant.errors import R1VError, os_error
 from r1v_quant.hub import hub_source, is_repo_id, model_name
 
 CARD_NAME = "README.md"
 GGUF_MANIFEST = "gguf_export.json"
+GGUF_FOLDER_FORMAT = "r1v-quant/gguf-folder"
+# options that change how a run goes, not what it makes: left out of the recorded command line, so a
+# resumed run's card is the same bytes as an uninterrupted one's
+NOT_RECORDED = ("as_json", "resume")
 QUALITY_BEGIN = "<!-- r1v-quant:quality -->"
 QUALITY_END = "<!-- /r1v-quant:quality -->"
 # Rows of the quality table, as `r1v-quant check` reports them: key -> column heading.
@@ -403,7 +406,7 @@ def _from_context(ctx: click.Context, model: Path) -> str:
             value = hub.commit  # a branch moves; the commit is what was quantized
         if isinstance(p, click.Argument):
             parts += [str(v) for v in _as_list(value)]
-        elif isinstance(p, click.Option) and p.name != "as_json" and value is not None:
+        elif isinstance(p, click.Option) and p.name not in NOT_RECORDED and value is not None:
             if value == p.get_default(ctx):
                 continue
             flag = max(p.opts, key=len)
@@ -461,14 +464,16 @@ def awq_card(report: dict[str, Any], source: Path, folder: Path, out_name: str |
     )
 
 
-def onnx_card(report: dict[str, Any], source: Path, folder: Path) -> Card:
+def onnx_card(report: dict[str, Any], source: Path, folder: Path, out_name: str | None = None) -> Card:
+    """Card for an ONNX folder (`folder` may still be its temporary name; `out_name` is the final one)."""
     v = report.get("verification") or {}
-    opts = {"out": str(folder), "dtype": report.get("dtype"), "int8": bool(report.get("int8")),
+    out_name = out_name or str(folder)
+    opts = {"out": out_name, "dtype": report.get("dtype"), "int8": bool(report.get("int8")),
             "opset": report.get("opset")}  # fmt: skip
     return Card(
         kind="onnx",
         source=source,
-        folder=str(folder),
+        folder=out_name,
         summary=f"The vision tower, pixel shuffle and `mlp1` as ONNX ({report.get('weights')} weights, opset "
         f"{report.get('opset')}, dynamic tile axis)",
         commands=[command_line("onnx", source, opts)],
@@ -486,6 +491,36 @@ def onnx_card(report: dict[str, Any], source: Path, folder: Path) -> Card:
     )
 
 
+def read_gguf_manifest(out_dir: Path | str) -> dict[str, Any]:
+    """OUT_DIR/gguf_export.json, or a new one; refused in one line when the file is not one of ours.
+
+    `gguf` checks it before writing anything (under the folder's lock), so a foreign file never costs an
+    export. A manifest that is not JSON at all (damaged) is rebuilt from the runs that follow; the card
+    still lists every file present.
+    """
+    path = Path(out_dir) / GGUF_MANIFEST
+    fresh: dict[str, Any] = {"format": GGUF_FOLDER_FORMAT, "version": 1, "files": {}}
+    if not path.exists():
+        return fresh
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return fresh
+    except OSError as e:
+        raise os_error(e, path, "read the folder's manifest") from None
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != GGUF_FOLDER_FORMAT
+        or not isinstance(data.get("files"), dict)
+        or not all(isinstance(e, dict) for e in data["files"].values())
+    ):
+        raise R1VError(
+            f"{path}: not a manifest written by r1v-quant gguf (expected format {GGUF_FOLDER_FORMAT!r}); "
+            "choose another --out or move the file"
+        )
+    return data
+
+
 def write_gguf_card(out_dir: Path | str, source: Path, run: dict[str, Any], options: dict[str, Any]) -> Path:
     """Record this run's GGUF files in OUT_DIR/gguf_export.json and (re-)render the folder's card from it.
 
@@ -496,11 +531,7 @@ def write_gguf_card(out_dir: Path | str, source: Path, run: dict[str, Any], opti
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / GGUF_MANIFEST
-    manifest: dict[str, Any] = {"format": "r1v-quant/gguf-folder", "version": 1, "files": {}}
-    if manifest_path.is_file():
-        # a damaged manifest is rebuilt from this run; the card still lists every file present
-        with contextlib.suppress(json.JSONDecodeError):
-            manifest = json.loads(manifest_path.read_text())
+    manifest = read_gguf_manifest(out_dir)
     cmd = command_line("gguf", source, {"out": str(out_dir), **options})
     primary = {}
     for role, part in run.items():

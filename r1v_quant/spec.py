@@ -382,6 +382,8 @@ def parse_config(
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
+    if not Path(model_dir).exists():
+        raise CheckpointError(f"{model_dir}: no such directory")
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"{model_dir}: not a directory")
     if not path.is_file():
