@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -35,10 +37,12 @@ from r1v_quant.awq import (
     apply_quantized,
     quantize_layer,
 )
-from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter
+from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
 from r1v_quant.errors import R1VError
 from r1v_quant.exporters.awq_format import pack_awq, unpack_awq
 from r1v_quant.model_card import CARD_NAME, awq_card, write_card
+from r1v_quant.outputs import claim_output
+from r1v_quant.quant import check_group
 from r1v_quant.spec import LLM_PREFIX
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
@@ -88,6 +92,33 @@ def _load_layer_result(path: Path, index: int) -> tuple[dict[str, Any], dict[str
     return json.loads(meta.get("report", "{}")), tensors
 
 
+def _load_saved_layer(path: Path, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """A finished layer of an interrupted run, or None to compute it: absent, or damaged (then removed,
+    with a note: the file was written atomically, so damage came from outside the run)."""
+    if not path.exists():
+        return None
+    try:
+        read_header(path)  # the full safetensors check before the library reads it
+        report, tensors = _load_layer_result(path, index)
+        if not isinstance(report, dict) or "loss" not in report:
+            raise ValueError("no layer report in its metadata")
+        return report, tensors
+    except (R1VError, OSError, ValueError, SafetensorError) as e:
+        print(f"note: {path} is damaged ({e}); layer {index} is computed again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def check_group_size(spec: Any, group_size: int) -> None:
+    """Every quantized linear's input width must be a multiple of the group size (and the packing's 8)."""
+    m = spec.llm
+    widths = {"hidden": m.hidden_size, "attention": m.num_heads * m.head_dim, "FFN": m.intermediate_size}
+    for what, width in widths.items():
+        check_group(width, group_size, f"the {what}")
+    if group_size % 8:
+        raise R1VError(f"--group-size must be a multiple of 8 (the int4 packing), not {group_size}")
+
+
 def _fake_quant_from_tensors(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put a saved layer result (packed linears + fp16 state) back into `layer` as fake-quant fp32."""
     q = {
@@ -111,21 +142,42 @@ def quantize_awq(
     progress: bool = True,
     on_layer: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests."""
-    from r1v_quant.calibration import ActivationStore, iter_layers, prepare
-    from r1v_quant.calibration.job_plan import check_plan, peak_rss_bytes, plan_job
-    from r1v_quant.calibration.pipeline import show_plan
-    from r1v_quant.calibration.sensitivity import modality_sensitivities  # shared with calibrate / gguf
-    from r1v_quant.calibration.store import parse_max_memory
-    from r1v_quant.device import resolve_device  # shared with calibrate, eval, chat
+    """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests.
 
-    t0 = time.perf_counter()
+    The output is owned by this run (r1v_quant.outputs.claim_output) from the first check on, so a second
+    run into it fails at once; every option is checked before the work folder is made, and a run that
+    fails before any layer is finished removes its work folder again (a finished layer is kept for
+    `--resume`).
+    """
     model_dir, out = Path(model_dir), Path(out)
     check_output_dir(out)
     if opts.method not in ("awq", "rtn"):
         raise R1VError(f"unknown method {opts.method!r}")
     if opts.propagate not in ("fp", "quant"):
         raise R1VError(f"unknown --propagate {opts.propagate!r}: expected fp or quant")
+    if opts.group_size <= 0:
+        raise R1VError(f"--group-size must be a positive multiple of 8, not {opts.group_size}")
+    with claim_output(out):
+        return _quantize_awq(model_dir, out, opts, resume=resume, progress=progress, on_layer=on_layer)
+
+
+def _quantize_awq(
+    model_dir: Path,
+    out: Path,
+    opts: AWQOptions,
+    *,
+    resume: bool,
+    progress: bool,
+    on_layer: Callable[[int, torch.nn.Module], None] | None,
+) -> dict[str, Any]:
+    from r1v_quant.calibration import prepare
+    from r1v_quant.calibration.job_plan import check_plan, plan_job
+    from r1v_quant.calibration.pipeline import show_plan
+    from r1v_quant.calibration.store import parse_max_memory
+    from r1v_quant.device import resolve_device  # shared with calibrate, eval, chat
+
+    t0 = time.perf_counter()
+    check_output_dir(out)  # again, now that this run owns the name
     device = resolve_device(opts.device)
     wanted = parse_max_memory(opts.max_memory)
     # plain rounding searches nothing: its reported loss needs no measured sensitivities
@@ -135,8 +187,11 @@ def quantize_awq(
     fp = opts.fingerprint(model_dir)
     state_path = work / "state.json"
     if work.exists():
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-        if resume and state.get("fingerprint") != fp:
+        try:
+            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        except (ValueError, OSError):
+            state = {}  # damaged: --resume is refused below, a fresh run starts over
+        if resume and (not isinstance(state, dict) or state.get("fingerprint") != fp):
             raise R1VError(
                 f"--resume: {work} was made with other settings or another model; "
                 "remove it or run without --resume"
@@ -153,6 +208,7 @@ def quantize_awq(
         seed=opts.seed,
         progress=progress,
     )
+    check_group_size(prep.ckpt.spec, opts.group_size)
     # memory, disk and time before anything heavy (or anything written): refuse what cannot finish
     plan = plan_job(
         "awq",
@@ -170,7 +226,35 @@ def quantize_awq(
     if work.exists() and not resume:
         shutil.rmtree(work)  # an old interrupted run: start over
     (work / "layers").mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}, indent=2))
+    try:
+        state_path.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}, indent=2))
+        return _search_and_assemble(
+            prep, model_dir, out, work, opts, cfg, device, plan, t0, progress=progress, on_layer=on_layer
+        )
+    except BaseException:
+        if not any((work / "layers").glob("*.safetensors")):
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
+        raise
+
+
+def _search_and_assemble(
+    prep: Any,  # calibration.pipeline.Prepared
+    model_dir: Path,
+    out: Path,
+    work: Path,
+    opts: AWQOptions,
+    cfg: AWQConfig,
+    device: torch.device,
+    plan: Any,  # calibration.job_plan.JobPlan
+    t0: float,
+    *,
+    progress: bool,
+    on_layer: Callable[[int, torch.nn.Module], None] | None,
+) -> dict[str, Any]:
+    from r1v_quant.calibration import ActivationStore, iter_layers
+    from r1v_quant.calibration.job_plan import peak_rss_bytes
+    from r1v_quant.calibration.sensitivity import modality_sensitivities  # shared with calibrate / gguf
+
     ckpt = prep.ckpt
     layer_reports: list[dict] = []
     store = ActivationStore(plan.budget, work / "spill")
@@ -197,8 +281,9 @@ def quantize_awq(
             device=device,
         ):
             path = work / "layers" / f"{cap.index:05d}.safetensors"
-            if path.is_file():  # finished before an interruption
-                report, tensors = _load_layer_result(path, cap.index)
+            saved = _load_saved_layer(path, cap.index)  # finished before an interruption
+            if saved is not None:
+                report, tensors = saved
                 _fake_quant_from_tensors(cap.layer, tensors)
                 report["resumed"] = True
             else:
