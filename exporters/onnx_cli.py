@@ -38,9 +38,16 @@ def onnx_command(
 ) -> None:
     """Export the vision tower, pixel shuffle and mlp1 of MODEL to DIR/vision.onnx (+ preprocessing.json)."""
     report = export_onnx(
-        model, out_dir, dtype=dtype, int8=int8, opset=opset, verify=not no_verify, flavor=flavor
+        model,
+        out_dir,
+        dtype=dtype,
+        int8=int8,
+        opset=opset,
+        verify=not no_verify,
+        flavor=flavor,
+        # the card goes in before the folder appears under its name
+        finish=lambda folder, rep: write_card(folder, onnx_card(rep, model, folder, out_name=str(out_dir))),
     )
-    write_card(out_dir, onnx_card(report, model, out_dir))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -23,7 +23,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from r1v_quant import __version__
 from r1v_quant.atomic import atomic_dir, check_output_dir
 from r1v_quant.checkpoint import Checkpoint, open_checkpoint
 from r1v_quant.errors import R1VError
+from r1v_quant.outputs import claim_output
 from r1v_quant.preprocess import IMAGE_TAG, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START
 from r1v_quant.spec import ModelSpec
 from r1v_quant.vision import Projector, VisionModel, extract_feature
@@ -168,15 +169,18 @@ def export_onnx(
     external_data: bool | None = None,
     verify: bool = True,
     flavor: str | None = None,
+    finish: Callable[[Path, dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """Export vision tower + pixel shuffle + mlp1 of MODEL_DIR to OUT_DIR/vision.onnx; returns the report.
 
     `external_data` None decides by size (fp32 weights above ~1.8 GB go to vision.onnx.data, as protobuf
     cannot hold 2 GB); True / False force it. `int8` applies onnxruntime's dynamic quantization to the fp32
     graph. `verify` runs two tiles through torch and onnxruntime (CPU) and records the difference.
+    `finish(folder, report)` adds files (the model card) to the folder before it appears under its name.
+    OUT_DIR is owned by this run (r1v_quant.outputs.claim_output): a second run into it fails at once.
     """
     t0 = time.perf_counter()
-    onnx, quantization = _import_onnx()
+    _import_onnx()  # a missing extra is reported before anything else
     if dtype not in DTYPES:
         raise R1VError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if int8 and dtype != "fp32":
@@ -185,6 +189,23 @@ def export_onnx(
         raise R1VError(f"opset {opset} not supported: choose {MIN_OPSET}..{MAX_OPSET}")
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # fail before loading anything
+    with claim_output(out_dir):
+        return _export_onnx(model_dir, out_dir, dtype, int8, opset, external_data, verify, flavor, finish, t0)
+
+
+def _export_onnx(
+    model_dir: Path | str,
+    out_dir: Path,
+    dtype: str,
+    int8: bool,
+    opset: int,
+    external_data: bool | None,
+    verify: bool,
+    flavor: str | None,
+    finish: Callable[[Path, dict[str, Any]], object] | None,
+    t0: float,
+) -> dict[str, Any]:
+    onnx, _ = _import_onnx()
     ckpt = open_checkpoint(model_dir, flavor=flavor)
     spec = ckpt.spec
     graph = load_vision(ckpt, DTYPES[dtype])
@@ -249,6 +270,8 @@ def export_onnx(
         report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}  # all but this report
         report["bytes"] = sum(report["files"].values())
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        if finish is not None:
+            finish(tmp, report)
     report["path"] = str(out_dir)
     return report
 
