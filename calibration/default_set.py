@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import find_grid
@@ -533,8 +534,11 @@ def build_default_set(
     text_ratio: float = 0.25,
     seq_len: int = 4096,
     count_tokens: TokenCounter | None = None,
+    progress: bool = False,
 ) -> CalibrationSet:
     """`n` samples, `round(n * text_ratio)` of them text-only; each aims at 55-95 % of `seq_len` tokens.
+
+    `progress`: a progress bar on stderr once building takes over a second (a large --samples).
 
     Below 386 tokens no image fits beside a question and its reasoning, so every sample is text-only.
     `count_tokens` should be the model tokenizer's length function, so lengths fit the real vocabulary; the
@@ -559,7 +563,8 @@ def build_default_set(
     wide = seq_len >= 2048  # multi-tile images only when the budget leaves room for reasoning text
     # Below this length a one-tile image leaves no room for a question and reasoning: text only then.
     images_fit = seq_len >= TOKENS_PER_TILE + 2 + 128
-    for k, text_only in enumerate(is_text):
+    bar = tqdm(is_text, desc="building the calibration set", unit="sample", delay=1.0, disable=not progress)
+    for k, text_only in enumerate(bar):
         if text_only or not images_fit:
             prob = _text_problem(r, seed * 100_003 + k)
         else:

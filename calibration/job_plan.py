@@ -44,6 +44,7 @@ from r1v_quant.artifact import Geometry
 from r1v_quant.awq import AWQConfig
 from r1v_quant.errors import R1VError
 from r1v_quant.memory_model import TORCH_CPU_BASE, MiB, Term, peaks, torch_prefill_activations
+from r1v_quant.outputs import human_bytes
 from r1v_quant.roofline import vision_flops_per_tile
 from r1v_quant.spec import ModelSpec
 
@@ -799,7 +800,7 @@ def make_plan(
 def check_plan(plan: JobPlan) -> None:
     """Refuse, in one line, what cannot finish: the working set alone over the available memory, or the
     spill (+ the job's outputs) over the free disk at the spill location."""
-    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    gb = human_bytes  # "1.2 GB", "340.0 MB": a small run's sizes do not print as "0.0 GB"
     if plan.available_bytes is not None and plan.working_peak > plan.available_bytes:
         phase = max(
             (t for t in plan.terms if t.pool == "cpu" and not t.name.startswith("cache.")),

@@ -40,13 +40,19 @@ def load_set(
     seed: int = 0,
     text_ratio: float = 0.25,
     count_tokens: Callable[[str], int] | None = None,
+    progress: bool = False,
 ) -> CalibrationSet:
     """The calibration set `spec` names, cut to `samples` samples (a seeded choice when it has more)."""
     if samples < 1:
         raise R1VError(f"--samples must be at least 1 (got {samples})")
     if spec == "default":
         return build_default_set(
-            samples, seed=seed, text_ratio=text_ratio, seq_len=seq_len, count_tokens=count_tokens
+            samples,
+            seed=seed,
+            text_ratio=text_ratio,
+            seq_len=seq_len,
+            count_tokens=count_tokens,
+            progress=progress,
         )
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")

@@ -21,6 +21,7 @@ from r1v_quant.atomic import atomic_dir, check_output_dir
 from r1v_quant.checkpoint import Checkpoint, open_checkpoint
 from r1v_quant.device import resolve_device
 from r1v_quant.errors import R1VError
+from r1v_quant.outputs import claim_output
 
 from .capture import iter_layers
 from .dataset import CalibrationSet
@@ -69,6 +70,7 @@ def prepare(
         seed=seed,
         text_ratio=text_ratio,
         count_tokens=renderer.count_tokens,
+        progress=progress,
     )
     set_hash = cset.content_hash()
     rendered = [
@@ -101,9 +103,32 @@ def calibrate(
     plan (peak RAM, spill, FLOPs) is made after the samples are rendered and before any forward pass; a
     run that cannot fit memory or disk is refused there. `device`: auto | cpu | cuda (r1v_quant/device.py),
     where the vision tower, the capture and the sensitivity pass run; activations stay in host RAM / spill."""
-    t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # fail before minutes of work, not after
+    with claim_output(out_dir):  # a second run into the same folder fails at once
+        return _calibrate(
+            model_dir, set_spec, samples, seq_len, out_dir, max_memory, text_ratio=text_ratio, seed=seed,
+            flavor=flavor, dtype=dtype, sensitivity=sensitivity, progress=progress, device=device,
+        )  # fmt: skip
+
+
+def _calibrate(
+    model_dir: Path | str,
+    set_spec: str,
+    samples: int,
+    seq_len: int,
+    out_dir: Path,
+    max_memory: str | int | None,
+    *,
+    text_ratio: float,
+    seed: int,
+    flavor: str | None,
+    dtype: torch.dtype,
+    sensitivity: bool,
+    progress: bool,
+    device: str | torch.device,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
     dev = resolve_device(device)
     wanted = parse_max_memory(max_memory)
     prep = prepare(

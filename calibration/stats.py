@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from r1v_quant.errors import R1VError
+from r1v_quant.finite import check_finite
 
 from .render import MODALITIES
 
@@ -133,6 +134,16 @@ class LayerStats:
                 out[f"{p}.sum_sq.{name}"] = acc.sum_sq.float()
                 out[f"{p}.max_abs.{name}"] = acc.max_abs.clone()
                 out[f"{p}.count.{name}"] = torch.tensor([acc.count], dtype=torch.int64)
+                module = LINEAR_GROUPS[g][0]
+                for quantity in ("mean_abs", "sum_sq", "max_abs"):
+                    # an overflowing activation (x² beyond float32, or Inf) would become an Inf scale or
+                    # importance downstream: refused here, naming where it happened
+                    check_finite(
+                        out[f"{p}.{quantity}.{name}"],
+                        f"calibration statistic {quantity} of decoder layer {self.index}'s {module} input "
+                        f"({name} tokens)",
+                        "the model's activations overflow there",
+                    )
         return out
 
 
