@@ -116,7 +116,24 @@ def find_grid(
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grayscale (PNG / TIFF): PIL's convert("RGB") clips every value above 255 to white; scale
+        # the 0..65535 range down instead (I from a 16-bit file holds the same range)
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
+            gray = arr.astype(np.uint8)  # an 8-bit image stored as I: already in range
+        else:
+            gray = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "F":
+        # 32-bit float: 0..1 intensities are scaled to 0..255, larger ones taken as 0..255 and clipped
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
+        gray = np.clip(np.round(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 def dynamic_tiles(
@@ -167,7 +184,7 @@ def open_image(source: ImageSource) -> Image.Image:
         image = source
         try:
             image.load()  # a lazily opened image may still fail to decode
-            rgb = image.convert("RGB")
+            rgb = _as_rgb(image).copy()
         except Exception as exc:  # PIL plugins raise many unrelated exception types for bad data
             raise _read_error(source, exc) from exc
     else:
@@ -184,7 +201,7 @@ def open_image(source: ImageSource) -> Image.Image:
         try:
             with Image.open(fp) as image:
                 image.load()  # force the full decode so truncated files fail here, not later
-                rgb = image.convert("RGB")
+                rgb = _as_rgb(image).copy()
         except Exception as exc:  # PIL plugins raise many unrelated exception types for bad data
             raise _read_error(source, exc) from exc
     if rgb.width == 0 or rgb.height == 0:
