@@ -94,7 +94,8 @@ def quantize_rows(
             )
         if qtype == q.F16 and np.abs(block).max(initial=0.0) > F16_MAX:
             raise R1VError(f"tensor {name!r} has values beyond the float16 range: {f16_hint}")
-        out[i : i + step] = packed = gguf.quants.quantize(block, qtype)
+        with np.errstate(over="ignore"):  # an overflowing block scale is refused just below, in one line
+            out[i : i + step] = packed = gguf.quants.quantize(block, qtype)
         if qtype not in (q.F32, q.F16, q.BF16):
             _check_block_scales(packed, qtype, name, i, cols, f16_hint)
     return out.reshape(shape) if qtype in (q.F32, q.F16) else out

@@ -109,9 +109,9 @@ def llama_quantize(
 
     libllama runs in a child process (`python -m r1v_quant.exporters.quantize`): its quantizer has no
     abort hook, and a Ctrl-C that lands in its log callback would be swallowed there, so in-process it
-    could be neither interrupted nor stopped cleanly. The child dies on Ctrl-C and with its parent
-    (r1v_quant.signals). The output is written under a temporary name next to `dst` and renamed only
-    when libllama reports success, so `dst` never holds a half-written file.
+    could be neither interrupted nor stopped cleanly. The child is killed on Ctrl-C and dies with its
+    parent (r1v_quant.signals.run_child). The output is written under a temporary name next to `dst` and
+    renamed only when libllama reports success, so `dst` never holds a half-written file.
     """
     name = gguf_type.upper()
     pure = imatrix is not None and name in IMATRIX_PURE_TYPES

@@ -31,8 +31,9 @@ _REASONS = {
 }
 # numpy's tofile and some writers report a short write without an errno: on a local disk, it is a full one
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
-# safetensors' Rust writer: "IoError(Os { code: 28, kind: StorageFull, ... })"
-_RUST_OS_CODE = re.compile(r"Os \{ code: (\d+)")
+# Rust's io::Error as safetensors prints it: "I/O error: No space left on device (os error 28)"; older
+# versions: "IoError(Os { code: 28, kind: StorageFull, ... })"
+_RUST_OS_CODE = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
 def os_errno(e: BaseException) -> int | None:
@@ -43,7 +44,7 @@ def os_errno(e: BaseException) -> int | None:
     if _SHORT_WRITE.search(text):
         return errno.ENOSPC
     m = _RUST_OS_CODE.search(text)
-    return int(m.group(1)) if m else None
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 def os_error(e: BaseException, path: Path | str | None = None, need: str = "") -> R1VError:

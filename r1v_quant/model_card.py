@@ -31,6 +31,7 @@ GGUF_FOLDER_FORMAT = "r1v-quant/gguf-folder"
 # options that change how a run goes, not what it makes: left out of the recorded command line, so a
 # resumed run's card is the same bytes as an uninterrupted one's
 NOT_RECORDED = ("as_json", "resume")
+AWQ_REPORT = "quant_report.json"
 QUALITY_BEGIN = "<!-- r1v-quant:quality -->"
 QUALITY_END = "<!-- /r1v-quant:quality -->"
 # Rows of the quality table, as `r1v-quant check` reports them: key -> column heading.
@@ -457,8 +458,10 @@ def awq_card(report: dict[str, Any], source: Path, folder: Path, out_name: str |
             "block-output loss vs round-to-nearest": f"{report['loss_sum'] / rtn:.3f}×" if rtn > 0 else None,
             "plain-rounding fallback layers": ", ".join(map(str, report.get("fallback_layers", [])))
             or "none",
+            "run report": f"`{AWQ_REPORT}`: per-layer losses and choices, timings, memory",
         },
-        files=_files(folder),
+        # the report's size changes with its timings: left out, so a resumed run's card is the same bytes
+        files={k: v for k, v in _files(folder).items() if k != AWQ_REPORT},
         versions=versions("awq", report.get("versions")),
         calibration_set_hash=report.get("calibration_set_hash"),
     )

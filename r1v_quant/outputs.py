@@ -50,23 +50,24 @@ class OutputClaim:
     _fd: int = -1
 
 
-def _make_dirs(path: Path, created: list[Path]) -> None:
+def _make_dirs(path: Path, created: list[Path], output: Path) -> None:
+    """mkdir -p `path`, recording what was made; errors name the `output` being created."""
     missing = []
     p = path
     while not p.exists():
         if p.is_symlink():  # a dangling link: mkdir would fail with a confusing EEXIST
-            raise R1VError(f"{p}: a symbolic link to a missing target")
+            raise R1VError(f"{output}: cannot create the output folder: {p} is a link to nothing")
         missing.append(p)
         p = p.parent
     if not p.is_dir():
-        raise R1VError(f"{path}: cannot create the output folder: {p} is a file, not a folder")
+        raise R1VError(f"{output}: cannot create the output folder: {p} is a file, not a folder")
     for d in reversed(missing):
         try:
             d.mkdir()
         except FileExistsError:
             continue  # another run made it meanwhile
         except OSError as e:
-            raise os_error(e, d, "create the output folder") from None
+            raise os_error(e, output, "create the output folder") from None
         created.append(d)
 
 
@@ -140,7 +141,7 @@ def claim_output(path: Path | str, *, folder: bool = False) -> Iterator[OutputCl
     if folder and path.exists() and not path.is_dir():
         raise R1VError(f"{path}: exists and is not a directory")
     claim = OutputClaim(path, lock_path_for(path, folder=folder))
-    _make_dirs(path if folder else path.parent, claim.created)
+    _make_dirs(path if folder else path.parent, claim.created, path)
     try:
         _lock(claim)
     except BaseException:

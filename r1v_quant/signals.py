@@ -5,9 +5,11 @@
   carries on), then raised as KeyboardInterrupt when the block ends. Also used to make a publish step
   (several renames plus a manifest) all-or-nothing with respect to Ctrl-C.
 * `run_child()`: a long C job (llama.cpp's quantizer) runs in a child process, so Ctrl-C ends it at once:
-  the child dies on SIGINT (default action), the parent kills it if it did not, waits, and raises
-  KeyboardInterrupt. The child also dies with its parent (`die_with_parent`), so a SIGKILLed run leaves
-  no orphan writing into a folder the next run owns.
+  the child starts with SIGINT blocked (a Ctrl-C sent to the whole group, as a terminal does, would
+  otherwise print a KeyboardInterrupt traceback from wherever the child's Python happens to be), the
+  parent takes the KeyboardInterrupt, kills the child, waits for it and re-raises. The child also dies
+  with its parent (`die_with_parent`), so a SIGKILLed run leaves no orphan writing into a folder the next
+  run owns.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
@@ -51,15 +54,24 @@ def deferred_interrupt() -> Iterator[None]:
 def run_child(args: Sequence[str], *, env: dict[str, str] | None = None) -> int:
     """Run `args` to completion and return its exit status; Ctrl-C kills it and raises KeyboardInterrupt.
 
-    A child killed by SIGINT (the terminal sends it to the whole foreground group) also counts as Ctrl-C.
+    The child inherits a signal mask blocking SIGINT (exec keeps it): Ctrl-C is the parent's to handle.
+    A child that dies of SIGINT anyway (one that unblocked it) also counts as Ctrl-C.
     """
-    proc = subprocess.Popen(list(args), env=env)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        proc = subprocess.Popen(list(args), env=env)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C held meanwhile is raised here
         rc = proc.wait()
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            print(file=sys.stderr, flush=True)  # end the line the child's log may have left half-written
         raise
     if rc == -signal.SIGINT:
         raise KeyboardInterrupt
@@ -67,8 +79,7 @@ def run_child(args: Sequence[str], *, env: dict[str, str] | None = None) -> int:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """In a child: default SIGINT (Ctrl-C ends it even inside C code), and SIGKILL when the parent dies."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """In a child of `run_child`: SIGKILL when the parent dies (however it dies)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # Linux; elsewhere the check below remains
