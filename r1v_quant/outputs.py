@@ -10,7 +10,8 @@ lock when its process dies, even on SIGKILL, so a stale lock file never blocks a
 * a folder that collects several runs' files (`gguf`): it is created and the lock lives inside it as
   `.r1v-quant.lock`, so only that folder needs to be writable.
 
-Folders the claim created are removed again when the run fails and they are still empty.
+Folders the claim created are removed again when the run fails and they are still empty; staging
+folders a killed run left beside the output (`.NAME.partial-*`) are removed once the lock is held.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -147,6 +149,10 @@ def claim_output(path: Path | str, *, folder: bool = False) -> Iterator[OutputCl
     except BaseException:
         _remove_empty(claim.created)
         raise
+    if not folder:
+        # what a killed run left (atomic.atomic_dir's staging): nobody else can be writing it now
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     ok = False
     try:
         yield claim

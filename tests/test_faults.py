@@ -133,6 +133,16 @@ def test_second_run_into_an_owned_folder_fails_at_once(model: Path, tmp_path: Pa
         assert finals(out) == [] and hidden_leftovers(tmp_path) == [], args[0]
 
 
+def test_staging_left_by_a_killed_run_is_cleared_by_the_next(model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    dead = tmp_path / ".x.partial-dead"  # what SIGKILL leaves of atomic_dir's staging
+    (dead / "sub").mkdir(parents=True)
+    (dead / "vision.onnx").write_bytes(b"half")
+    r = cli("onnx", model, "--out", tmp_path / "x", "--no-verify")
+    assert r.exit_code == 0, r.output
+    assert hidden_leftovers(tmp_path) == [] and (tmp_path / "x" / "vision.onnx").stat().st_size > 1000
+
+
 @needs_gguf
 def test_concurrent_gguf_runs_never_mix_two_models(model: Path, tmp_path: Path) -> None:
     """Two sources with the same folder name (so the same output names) race into one --out: one wins,
