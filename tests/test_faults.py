@@ -253,6 +253,13 @@ def test_calibrate_refuses_nonfinite_weights_and_statistics(model: Path, tmp_pat
     args = ["--out", out, "--samples", 1, "--seq-len", 256, "--no-sensitivity"]
     one_error(cli("calibrate", m, *args), f"tensor '{LLM_Q}'", "NaN")
     assert not out.exists()
+    # awq names the tensor too (it used to name "the inputs of decoder layer 2"); the layer it finished
+    # before is kept for --resume, nothing else
+    q = tmp_path / "q"
+    one_error(cli("awq", m, "--out", q, *args[2:6], "--method", "rtn"), f"tensor '{LLM_Q}'", "[0, 1]")
+    work = tmp_path / ".q.awq-work"
+    assert not q.exists() and sorted(p.name for p in (work / "layers").iterdir()) == ["00000.safetensors"]
+    shutil.rmtree(work)
     # finite weights whose activations overflow: layer 1's output is huge, layer 2's inputs are not finite
     h = copy_model(model, tmp_path / "huge")
     set_value(h, "language_model.model.layers.1.mlp.down_proj.weight", (0, slice(None)), 3e38)
