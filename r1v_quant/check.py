@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,16 @@ def card_rows(report: dict[str, Any]) -> dict[Path, list[dict[str, Any]]]:
 
 
 def update_cards(report: dict[str, Any]) -> list[Path]:
-    """Write each candidate's measured quality into the model card of its artifact folder."""
-    from r1v_quant.model_card import update_card_quality
+    """Write each candidate's measured quality into the model card of its artifact folder.
 
-    return [update_card_quality(folder, rows) for folder, rows in card_rows(report).items()]
+    A GGUF folder collects runs, and `gguf` rewrites its card: the card is updated under the folder's
+    lock (r1v_quant.outputs), so a `gguf` run into it meanwhile is refused rather than overwritten.
+    """
+    from r1v_quant.model_card import GGUF_MANIFEST, update_card_quality
+    from r1v_quant.outputs import claim_output
+
+    written = []
+    for folder, rows in card_rows(report).items():
+        with claim_output(folder, folder=True) if (folder / GGUF_MANIFEST).is_file() else nullcontext():
+            written.append(update_card_quality(folder, rows))
+    return written

@@ -377,36 +377,40 @@ def check_command(
     from r1v_quant.atomic import check_output_dir
     from r1v_quant.check import Gates, format_markdown, run_check, write_report
     from r1v_quant.eval_ppl import WindowSpec
+    from r1v_quant.outputs import claim_output
 
     check_output_dir(out)  # fail now, not after the measurements
-    if max_tokens < 1:
-        raise R1VError("--max-tokens must be at least 1")
-    set_opt = None if set_name == "none" else set_name
-    if set_opt is None and text_file is None:
-        raise R1VError("nothing to score: --set none needs --text FILE")
-    bench = None if benches == ("none",) else _load_benches(benches, limit, seed, skip_bad)
-    needs_images = set_opt is not None or bool(bench and any(it.images for it in bench.items))
-    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
-    ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
-    ws = WindowSpec(set_opt, text_file, ctx, stride, n_text, n_image, chunks)
-    gates = Gates(max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_drop=max_drop)
-    command = (
-        "r1v-quant " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["check"] else ""
-    )
-    report = run_check(
-        ref_art,
-        arts,
-        ws,
-        bench,
-        gates,
-        max_tokens=max_tokens,
-        seed=seed,
-        runtime=rt,
-        progress=not as_json,
-        command=command,
-    )
-    report["runtime"] = rt.describe()
-    write_report(report, out)
+    with claim_output(out):  # OUT is this run's until its report is written
+        if max_tokens < 1:
+            raise R1VError("--max-tokens must be at least 1")
+        set_opt = None if set_name == "none" else set_name
+        if set_opt is None and text_file is None:
+            raise R1VError("nothing to score: --set none needs --text FILE")
+        bench = None if benches == ("none",) else _load_benches(benches, limit, seed, skip_bad)
+        needs_images = set_opt is not None or bool(bench and any(it.images for it in bench.items))
+        rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
+        ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
+        ws = WindowSpec(set_opt, text_file, ctx, stride, n_text, n_image, chunks)
+        gates = Gates(max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_drop=max_drop)
+        command = (
+            "r1v-quant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            if sys.argv[1:2] == ["check"]
+            else ""
+        )
+        report = run_check(
+            ref_art,
+            arts,
+            ws,
+            bench,
+            gates,
+            max_tokens=max_tokens,
+            seed=seed,
+            runtime=rt,
+            progress=not as_json,
+            command=command,
+        )
+        report["runtime"] = rt.describe()
+        write_report(report, out)
     if update_cards:
         from r1v_quant.check import update_cards as write_cards
 
