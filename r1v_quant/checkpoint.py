@@ -108,7 +108,7 @@ def read_header(path: Path) -> dict[str, Any]:
         raise os_error(e, path, "read the shard") from None
     data_len = size - 8 - n
     spans = _check_entries(path.name, header)
-    end = spans[-1][1] if spans else 0
+    end = max((stop for _, stop, _ in spans), default=0)
     if end > data_len:
         raise CheckpointError(
             f"{path.name}: truncated shard ({size} bytes on disk, header promises {8 + n + end})"
@@ -148,7 +148,7 @@ def _check_entries(shard: str, header: Any) -> list[tuple[int, int, str]]:
             if key not in entry:
                 raise bad(f"entry {name!r} has no {key!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in TORCH_DTYPES:
+        if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
             raise CheckpointError(f"{shard}: tensor {name!r} has a bad dtype or size (dtype {dtype!r})")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise bad(f"entry {name!r} has shape {shape!r}")
