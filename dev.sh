@@ -23,8 +23,8 @@ setup() {
     echo "==> installing $TORCH_SPEC"
     "$VENV/bin/pip" install -q "$TORCH_SPEC"
   fi
-  local extras="calib,dev"
-  [ "$level" = full ] && extras="gguf,onnx,calib,dev"
+  local extras="calib,eval,dev"
+  [ "$level" = full ] && extras="gguf,onnx,calib,eval,dev"
   echo "==> installing r1v-quant[$extras] (editable)"
   "$VENV/bin/pip" install -q -e ".[$extras]"
 }

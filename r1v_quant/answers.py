@@ -1,23 +1,33 @@
 """Final answers out of reasoning output, and whether they match the gold answer.
 
-A reasoning model writes `<think>…</think>` and then an answer in free form. The answer span is found by
-priority: the last `\\boxed{…}` (nested braces allowed), then the last "answer is X" / "Answer: X" phrase,
-then the whole final text. From that span an answer of the item's kind is read:
+A reasoning model writes `<think>…</think>` and then an answer in free form. As VLMEvalKit and Skywork's
+own evaluation do, the answer is the text after the **last** `</think>` (:func:`final_answer`); a response
+whose reasoning never closed has no final answer. In that text the answer span is found by priority: the
+last `\\boxed{…}` (nested braces allowed), then the last "answer is X" / "Answer: X" phrase, then the whole
+final text. From it an answer of the item's kind is read:
 
-mc       an option letter ("B", "(B)", "B.", "option B", "\\text{(B)}"), or an option's text / value
-numeric  a number: signs, thousands commas, decimals, fractions (3/4, \\frac{3}{4}), %, $, units, degrees
-math     a LaTeX expression, compared after the usual MATH normalisation (or as numbers when both are)
+mc       one option letter, inferred as VLMEvalKit's `can_infer` does: a letter standing alone among the
+         words ("B", "(B)", "B.", "option B", "\\boxed{B}"), else exactly one option's text in the answer
+multi    a set of option letters ("A, C", "\\boxed{A, C}", "A and C"), compared as a set (LogicVista)
+numeric  a number: signs, thousands commas, decimals, fractions (3/4, \\frac{3}{4}), %, $, units, degrees;
+         equal when exact, within a relative 1e-6, or equal after rounding to the item's stated precision
+math     a LaTeX expression, compared after the usual MATH normalisation, as numbers, and finally by
+         `math-verify` (symbolic equivalence) when that package is installed
 text     a short word or phrase, compared case- and punctuation-insensitively
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from fractions import Fraction
+from functools import lru_cache
+from typing import Any
 
-KINDS = ("mc", "numeric", "math", "text")
+KINDS = ("mc", "multi", "numeric", "math", "text")
 LETTERS = "ABCDEFGHIJ"
+THINK_END = "</think>"
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOXED_BARE = re.compile(r"\\boxed\s+([^\s$]+)")
@@ -141,6 +151,22 @@ def normalize_text(s: str) -> str:
     return " ".join(s.split())
 
 
+# -- the final answer -------------------------------------------------------------------------------------
+
+
+def final_answer(text: str, *, think_opened: bool = True) -> str | None:
+    """The text after the last `</think>` (VLMEvalKit's and Skywork's rule), stripped.
+
+    None when the reasoning never closed: the prompt opened `<think>` (`think_opened`) or the response
+    opened it itself, and no `</think>` follows, so everything written is reasoning and no answer was given.
+    """
+    if THINK_END in text:
+        return text.rsplit(THINK_END, 1)[1].strip()
+    if think_opened or text.lstrip().startswith("<think>"):
+        return None
+    return text.strip()
+
+
 # -- options ----------------------------------------------------------------------------------------------
 
 
@@ -172,9 +198,39 @@ def _letter_of_content(span: str, options: Sequence[str]) -> str | None:
     return LETTERS[hits[0]] if len(hits) == 1 else None
 
 
+_PUNCT_TO_SPACE = str.maketrans({c: " " for c in ".()[],:;!*#{}$\\"})
+
+
+def can_infer_option(text: str, n_options: int) -> str | None:
+    """VLMEvalKit's `can_infer_option`: with punctuation made spaces, exactly one option letter stands alone
+    among the words. A capital "A" in a longer text may be the article, so it is not trusted there."""
+    words = text.translate(_PUNCT_TO_SPACE).split()
+    found = [c for c in LETTERS[:n_options] if c in words]
+    if len(found) != 1 or ("A" in words and len(words) > 3):
+        return None
+    return found[0]
+
+
+def can_infer_text(text: str, options: Sequence[str]) -> str | None:
+    """VLMEvalKit's `can_infer_text`: exactly one option's text occurs in the (lower-cased) answer."""
+    low = text.lower()
+    found = [LETTERS[i] for i, o in enumerate(options) if str(o).strip() and str(o).strip().lower() in low]
+    return found[0] if len(found) == 1 else None
+
+
 def extract_mc(text: str, options: Sequence[str]) -> str | None:
-    span, _ = answer_span(text)
+    """One option letter: a boxed letter or option, then VLMEvalKit's can_infer on the final text (letter,
+    then option text), then the stated-answer phrases and the last line a judge model would read."""
     n = len(options)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        letter = option_letter(boxed, n) or _letter_of_content(boxed, options)
+        if letter:
+            return letter
+    letter = can_infer_option(text, n) or can_infer_text(text, options)
+    if letter:
+        return letter
+    span, _ = answer_span(text)
     for candidate in (span, text.strip().splitlines()[-1] if text.strip() else ""):
         letter = option_letter(candidate, n) or _letter_of_content(candidate, options)
         if letter:
@@ -186,18 +242,51 @@ def extract_mc(text: str, options: Sequence[str]) -> str | None:
     return None
 
 
+_LETTER_SET = re.compile(r"^\(?([A-J])\)?(?:\s*(?:,|;|&|\band\b|/)?\s*\(?([A-J])\)?)*$")
+
+
+def letter_set(span: str, n_options: int) -> str | None:
+    """A set of option letters written as the whole span ("A, C", "(A) and (C)", "AC", "B"), canonical as
+    "A,C"; None when the span is anything else or names a letter beyond the options."""
+    s = _clean_latex(span).strip().strip("*").strip().rstrip(".").strip()
+    s = re.sub(r"^(?:options?|choices?|answers?)\s*:?\s*", "", s, flags=re.IGNORECASE)
+    if re.fullmatch(r"[A-J]{2,}", s):  # "AC"
+        letters = set(s)
+    elif _LETTER_SET.fullmatch(s):
+        letters = set(re.findall(r"[A-J]", s))
+    else:
+        return None
+    if not letters or any(LETTERS.index(c) >= n_options for c in letters):
+        return None
+    return ",".join(sorted(letters))
+
+
+def extract_multi(text: str, n_options: int) -> str | None:
+    """A set of option letters: the last box, else a stated answer, else the last line."""
+    span, how = answer_span(text)
+    candidates = [span] if how != "text" else []
+    candidates.append(text.strip().splitlines()[-1] if text.strip() else "")
+    for candidate in candidates:
+        found = letter_set(candidate, n_options)
+        if found:
+            return found
+    return None
+
+
 # -- the two entry points ----------------------------------------------------------------------------------
 
 
 def extract_answer(text: str, kind: str, options: Sequence[str] = ()) -> str | None:
-    """The answer a response gives, canonical for `kind`: a letter, a number (as a reduced fraction
-    string), a normalised LaTeX string or normalised text. None when no answer can be read."""
+    """The answer a final answer text gives, canonical for `kind`: a letter, letters "A,C", a number (as a
+    reduced fraction string), a normalised LaTeX string or normalised text. None when none can be read."""
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}")
     if not text.strip():
         return None
     if kind == "mc":
         return extract_mc(text, options)
+    if kind == "multi":
+        return extract_multi(text, len(options) or len(LETTERS))
     span, how = answer_span(text)
     if kind == "numeric":
         # a boxed or stated answer is read as written; free text falls back to its last number
@@ -210,27 +299,58 @@ def extract_answer(text: str, kind: str, options: Sequence[str] = ()) -> str | N
     return normalize_text(span) or None
 
 
+def boxed_answer(text: str, kind: str, options: Sequence[str] = ()) -> str | None:
+    """Like :func:`extract_answer`, from a complete `\\boxed{}` only (an answer cut off by the token budget
+    is graded only when it already boxed its result)."""
+    boxed = last_boxed(text)
+    if boxed is None:
+        return None
+    return extract_answer(f"\\boxed{{{boxed}}}", kind, options)
+
+
 def _last_number_text(text: str) -> str:
     cleaned = _clean_latex(text)
     found = list(_NUMBER.finditer(cleaned))
     return found[-1].group(0) if found else ""
 
 
-def is_correct(pred: str | None, gold: str, kind: str, options: Sequence[str] = ()) -> bool:
-    """Compare an :func:`extract_answer` result with the item's gold answer."""
+def is_correct(
+    pred: str | None,
+    gold: str,
+    kind: str,
+    options: Sequence[str] = (),
+    *,
+    accept: Sequence[str] = (),
+    decimals: int | None = None,
+) -> bool:
+    """Compare an :func:`extract_answer` result with the item's gold answer (or any of `accept`, further
+    golds a benchmark allows). `decimals`: a numeric answer also matches when it rounds to the gold at that
+    many decimal places (MathVista's `precision`)."""
     if pred is None:
         return False
+    return any(_matches(pred, g, kind, decimals) for g in (gold, *accept))
+
+
+def _matches(pred: str, gold: str, kind: str, decimals: int | None) -> bool:
     if kind == "mc":
         return pred.upper() == gold.strip().upper()
+    if kind == "multi":
+        return set(pred.split(",")) == set(re.findall(r"[A-J]", gold.upper()))
     if kind == "numeric":
         a, b = parse_number(pred), parse_number(gold)
-        return a is not None and b is not None and numbers_equal(a, b)
+        if a is None or b is None:
+            return False
+        if decimals is not None and round(float(a), decimals) == round(float(b), decimals):
+            return True
+        return numbers_equal(a, b)
     if kind == "math":
         g = normalize_math(gold)
         if pred == g:
             return True
         a, b = _plain_number(pred), _plain_number(g)
-        return a is not None and b is not None and numbers_equal(a, b)
+        if a is not None and b is not None:
+            return numbers_equal(a, b)
+        return latex_equivalent(pred, gold)
     return pred == normalize_text(gold)
 
 
@@ -239,3 +359,33 @@ def _plain_number(s: str) -> Fraction | None:
     if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?|[-+]?\\frac\{[-+\d.]+\}\{[-+\d.]+\}", s):
         return parse_number(s)
     return None
+
+
+# -- symbolic equivalence -----------------------------------------------------------------------------------
+
+
+def _math_verify() -> Any:
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    return math_verify
+
+
+@lru_cache(maxsize=4096)
+def latex_equivalent(pred: str, gold: str) -> bool:
+    """Symbolic equivalence of two LaTeX answers by `math-verify` (False when it is not installed or cannot
+    parse either side). Its time limits use SIGALRM, which only the main thread may set: elsewhere it runs
+    without one."""
+    mv = _math_verify()
+    if mv is None:
+        return False
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        parsed_gold = mv.parse(f"${gold}$", parsing_timeout=limit)
+        parsed_pred = mv.parse(f"${pred}$", parsing_timeout=limit)
+        if not parsed_gold or not parsed_pred:
+            return False
+        return bool(mv.verify(parsed_gold, parsed_pred, timeout_seconds=limit))
+    except Exception:  # math-verify's parser and sympy raise many types on odd input; not equivalent then
+        return False

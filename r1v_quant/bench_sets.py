@@ -4,30 +4,32 @@ builtin:tiny      generated colour/shape questions about rendered pictures plus 
                   the tasks the tiny replica was trained on, so it scores well above chance
 FILE.jsonl        one item per line; the shapes of MATH-Vision (question, options, answer letter, image,
                   subject), PuzzleVQA (image, question, options, answer = an option, category), GSM8K
-                  (question, answer ending in "#### N") and MATH-500 (problem, answer, subject), or the
+                  (question, answer ending in "#### N"), MATH-500 / AIME (problem, answer, subject), or the
                   generic question / answer / options / image(s) / category / kind / instruction; image
                   paths are relative to the file's folder
-FILE.tsv          VLMEvalKit TSV: index, image (base64, a JSON list of them, or another row's index),
-                  question, answer, option columns A-H, optional hint and category
-DIR               every *.jsonl and *.tsv in it
+FILE.tsv          VLMEvalKit TSV (r1v_quant.bench_formats): base64 images (Python-literal lists for several),
+                  options in A-J columns or a `choices` literal, hint, MathVista's question/answer types
+FILE.json         LogicVista's dataset.json, We-Math's testmini.json, or a JSON list of generic rows
+FILE.parquet      the Hub's MathVista / MMMU parquet files (read offline with pyarrow)
+DIR               every file of those types in it
+NAME:PATH         a named preset (mathvista, mathvision, mmmu, logicvista, wemath, math500, aime, gsm8k): the
+                  benchmark's own files as published, found under PATH (bench_formats.PRESETS)
 
 Each question gets its options listed as "A. ..." and an instruction to reason and put the final answer in
-\\boxed{} (a row's "instruction" replaces it; "" for none). A row that cannot become an item (malformed
-JSON, no question or answer, an answer that is not one of the options, a missing or undecodable image) is
-reported with its file and line; the load fails unless `skip_bad`, which drops those rows and keeps the
-report.
+\\boxed{} (a row's "instruction" replaces it; "" for none). Image tags (`<image>`, `<image1>`, `<image 2>`)
+stay where they stand and become the `<image>` placeholders of the prompt, each numbered tag taking that
+image; images no tag names go before the text. A row that cannot become an item (malformed JSON, no
+question or answer, an answer that is not one of the options, a missing or undecodable image) is reported
+with its file and line; the load fails unless `skip_bad`, which drops those rows and keeps the report.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import csv
+import ast
 import io
 import json
 import random
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +42,28 @@ BENCH_SEED = 90_101  # differs from the training, calibration and held-out seeds
 BUILTIN = {"builtin:tiny": (32, 32)}  # name -> (text items, image items)
 MC_INSTRUCTION = "Answer with the option's letter from the given choices and put it within \\boxed{}."
 FREE_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-_IMAGE_TAG = re.compile(r"<image\s*\d*>")
+MULTI_INSTRUCTION = (
+    "One or more options may be correct. Put the letters of all correct options, separated by commas, "
+    "within \\boxed{}."
+)
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER_LINE = "<image>\n"
+_IMAGE_TAG = re.compile(r"<image\s*(\d*)>")
+_MULTI_ANSWER = re.compile(r"\(?[A-J]\)?(?:\s*(?:,|;|&|and)\s*\(?[A-J]\)?)+")
 
 
 @dataclass
 class BenchItem:
     id: str
     question: str  # the user turn: `<image>` placeholders (one per image), options and instruction included
-    answer: str  # gold: an option letter for "mc"
+    answer: str  # gold: an option letter for "mc", letters "A,C" for "multi"
     kind: str  # answers.KINDS
     category: str
-    images: list[ImageSource] = field(default_factory=list)
+    images: list[ImageSource] = field(default_factory=list)  # in the order of the question's placeholders
     options: list[str] = field(default_factory=list)
     where: str = ""  # file:line
+    accept: list[str] = field(default_factory=list)  # further gold answers the benchmark accepts
+    decimals: int | None = None  # numeric answers also match when equal at this precision (MathVista)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ class BenchSet:
     items: list[BenchItem]
     bad: list[BadRow] = field(default_factory=list)
     total_rows: int = 0
+    synthetic: bool = False  # generated items (builtin:*): never a benchmark result to publish
 
     def categories(self) -> list[str]:
         return sorted({i.category for i in self.items})
@@ -76,9 +88,18 @@ class _Bad(Exception):
     """A row that cannot become an item; the message is the reason."""
 
 
-def load_bench(spec: str, *, limit: int = 0, seed: int = 0, skip_bad: bool = False) -> BenchSet:
-    """The benchmark `spec` names; `limit` keeps a seeded random subset (in file order)."""
-    bench = builtin_set(spec) if spec in BUILTIN else _load_path(Path(spec))
+def load_bench(
+    spec: str, *, limit: int = 0, seed: int = 0, skip_bad: bool = False, stratify: bool = False
+) -> BenchSet:
+    """The benchmark `spec` names. `limit` keeps a seeded random subset (in file order); with `stratify`
+    the subset keeps every category's share (each category at least one item while the limit allows)."""
+    if spec in BUILTIN:
+        bench = builtin_set(spec)
+    else:
+        from r1v_quant.bench_formats import load_path, load_preset, split_preset
+
+        preset, path = split_preset(spec)
+        bench = load_preset(preset, Path(path)) if preset else load_path(Path(spec))
     if bench.bad and not skip_bad:
         shown = "; ".join(f"{b.where}: {b.reason}" for b in bench.bad[:5])
         more = f" (and {len(bench.bad) - 5} more)" if len(bench.bad) > 5 else ""
@@ -88,9 +109,30 @@ def load_bench(spec: str, *, limit: int = 0, seed: int = 0, skip_bad: bool = Fal
     if not bench.items:
         raise R1VError(f"benchmark {spec}: no usable items")
     if limit and len(bench.items) > limit:
-        keep = sorted(random.Random(f"r1v-quant-bench/{seed}").sample(range(len(bench.items)), limit))
-        bench.items = [bench.items[i] for i in keep]
+        rng = random.Random(f"r1v-quant-bench/{seed}")
+        n = len(bench.items)
+        keep = _stratified(bench.items, limit, rng) if stratify else rng.sample(range(n), limit)
+        bench.items = [bench.items[i] for i in sorted(keep)]
     return bench
+
+
+def _stratified(items: list[BenchItem], limit: int, rng: random.Random) -> list[int]:
+    """`limit` item indices, each category's share kept (largest remainders), drawn at random within it."""
+    by_cat: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_cat.setdefault(it.category, []).append(i)
+    cats = sorted(by_cat)
+    quota = {c: limit * len(by_cat[c]) / len(items) for c in cats}
+    take = {c: min(len(by_cat[c]), max(1, int(quota[c]))) for c in cats}
+    while sum(take.values()) > limit:  # more categories than the limit: drop the smallest shares
+        c = min((c for c in cats if take[c]), key=lambda c: (quota[c], c))
+        take[c] -= 1
+    for c in sorted(cats, key=lambda c: (-(quota[c] - int(quota[c])), c)):
+        if sum(take.values()) >= limit:
+            break
+        if take[c] < len(by_cat[c]):
+            take[c] += 1
+    return [i for c in cats for i in rng.sample(by_cat[c], take[c])]
 
 
 def builtin_set(name: str) -> BenchSet:
@@ -114,30 +156,7 @@ def builtin_set(name: str) -> BenchSet:
                 where=f"{name}:image:{k}",
             )
         )
-    return BenchSet(name, items, [], len(items))
-
-
-def _load_path(path: Path) -> BenchSet:
-    if not path.exists():
-        raise R1VError(f"benchmark {path}: no such file or directory (or use builtin:tiny)")
-    if path.is_dir():
-        files = sorted([*path.glob("*.jsonl"), *path.glob("*.tsv")])
-        if not files:
-            raise R1VError(f"benchmark {path}: no *.jsonl or *.tsv file in this folder")
-        parts = [_load_file(f) for f in files]
-        out = BenchSet(path.name, [i for p in parts for i in p.items], [b for p in parts for b in p.bad])
-        out.total_rows = sum(p.total_rows for p in parts)
-        return out
-    return _load_file(path)
-
-
-def _load_file(path: Path) -> BenchSet:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return load_jsonl(path)
-    if suffix == ".tsv":
-        return load_tsv(path)
-    raise R1VError(f"benchmark {path}: unknown file type {suffix!r} (expected .jsonl or .tsv)")
+    return BenchSet(name, items, [], len(items), synthetic=True)
 
 
 def load_jsonl(path: Path) -> BenchSet:
@@ -161,67 +180,6 @@ def load_jsonl(path: Path) -> BenchSet:
     return out
 
 
-def load_tsv(path: Path) -> BenchSet:
-    """VLMEvalKit benchmark TSV (line numbers count the header as line 1)."""
-    csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default cell limit
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, row))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise R1VError(f"cannot read {path}: {e}") from None
-    if rows and not {"index", "question", "answer"} <= set(rows[0][1]):
-        raise R1VError(f"{path.name}: a VLMEvalKit TSV needs at least the columns index, question and answer")
-    by_index = {str(r.get("index")): r for _, r in rows}
-    out = BenchSet(path.stem, [], [], len(rows))
-    for line, row in rows:
-        where = f"{path.name}:{line}"
-        try:
-            if None in row or any(v is None for v in row.values()):
-                raise _Bad("wrong number of columns")
-            cell = (row.get("image") or "").strip()
-            if cell and len(cell) < 64 and cell in by_index and cell != str(row["index"]):
-                cell = (by_index[cell].get("image") or "").strip()  # VLMEvalKit's dedup of repeated images
-            if cell.startswith("["):
-                try:
-                    encoded = json.loads(cell)
-                except json.JSONDecodeError:
-                    raise _Bad("image column starts with '[' but is not a JSON list") from None
-            else:
-                encoded = [cell] if cell else []
-            images: list[Any] = [_b64(b) for b in encoded]
-            if not images and row.get("image_path"):
-                images = [row["image_path"]]
-            question = row.get("question") or ""
-            if row.get("hint") and row["hint"] not in ("nan", ""):
-                question = f"Hint: {row['hint']}\n{question}"
-            options = [row[c] for c in LETTERS[:8] if row.get(c) not in (None, "", "nan")]
-            generic = {
-                "id": row.get("index"),
-                "question": question,
-                "answer": row.get("answer"),
-                "options": options,
-                "images": images,
-                "category": row.get("category") or None,
-            }
-            out.items.append(row_to_item(generic, path.parent, where, path.stem))
-        except _Bad as e:
-            out.bad.append(BadRow(where, str(e)))
-    return out
-
-
-def _b64(value: str) -> bytes:
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise _Bad(f"image column is not valid base64 ({e})") from None
-    if not data:
-        raise _Bad("image column is empty")
-    return data
-
-
 def _check_image(source: Any, base: Path) -> ImageSource:
     """A path (relative to `base`) or encoded bytes that PIL can decode; anything else is a bad row."""
     from PIL import Image
@@ -243,43 +201,114 @@ def _check_image(source: Any, base: Path) -> ImageSource:
     return source
 
 
+def _literal(value: Any, what: str) -> Any:
+    """A Python-literal list / dict written into a text cell (VLMEvalKit, MMMU's `options`), else as is."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise _Bad(f"{what} starts with {value.strip()[0]!r} but is not a Python/JSON literal") from None
+    return value
+
+
+def _options_of(row: dict[str, Any]) -> list[str]:
+    raw = _literal(row.get("options", row.get("choices")), "options") or []
+    if isinstance(raw, dict):
+        raw = [raw[k] for k in sorted(raw)]
+    if not isinstance(raw, list | tuple):
+        raise _Bad("options must be a list")
+    options = [str(o) for o in raw]
+    if len(options) > len(LETTERS):
+        raise _Bad(f"{len(options)} options (at most {len(LETTERS)})")
+    return options
+
+
+def _answers_of(row: dict[str, Any]) -> tuple[str, list[str]]:
+    """The gold answer and the further answers a row accepts (MMMU's open answers are sometimes a list)."""
+    answer = row.get("answer")
+    if isinstance(answer, str) and answer.strip().startswith("["):
+        answer = _literal(answer, "answer")
+    answers = list(answer) if isinstance(answer, list | tuple) else [answer]
+    answers += list(row.get("accept") or [])
+    out = []
+    for a in answers:
+        if isinstance(a, int | float) and not isinstance(a, bool):
+            a = str(a)
+        if isinstance(a, str) and a.strip():
+            out.append(a.strip())
+    if not out:
+        raise _Bad("no answer")
+    return out[0], out[1:]
+
+
+def place_images(text: str, images: list[ImageSource]) -> tuple[str, list[ImageSource]]:
+    """Image tags become `<image>` placeholders where they stand: `<imageN>` / `<image N>` places image N
+    at its first tag, a bare `<image>` the next unplaced image; images no tag names go before the text.
+    A tag naming an image the row lacks, or one already placed, stays as written (MATH-Vision's questions
+    name inline icons `<image2>`, `<image3>` of their single figure). Returns the text and the images in
+    placeholder order."""
+    if not images:
+        return text, []
+    order: list[ImageSource] = []
+    used: set[int] = set()
+
+    def tag(m: re.Match[str]) -> str:
+        if m.group(1):
+            k = int(m.group(1)) - 1
+        else:
+            k = next((j for j in range(len(images)) if j not in used), len(images))
+        if not 0 <= k < len(images) or k in used:
+            return m.group(0)
+        used.add(k)
+        order.append(images[k])
+        return IMAGE_PLACEHOLDER
+
+    text = _IMAGE_TAG.sub(tag, text)
+    rest = [im for k, im in enumerate(images) if k not in used]
+    return IMAGE_PLACEHOLDER_LINE * len(rest) + text, rest + order
+
+
 def row_to_item(row: Any, base: Path, where: str, source: str) -> BenchItem:
-    """One benchmark row (any supported JSON shape) as an item; raises _Bad with the reason."""
+    """One benchmark row (any supported shape, as a dict) as an item; raises _Bad with the reason.
+
+    Generic keys: question (or problem / prompt), answer (or a list of accepted answers), accept, options
+    (or choices: a list, a dict by letter, or such a literal in a string), image / images, kind, decimals,
+    instruction, category (or subject / type), id (or unique_id / index); n_options for a multiple-choice
+    item whose options are only in the image, list_options=False when the question already lists them.
+    """
     if not isinstance(row, dict):
         raise _Bad("not a JSON object")
     question = row.get("question", row.get("problem", row.get("prompt")))
     if not isinstance(question, str) or not question.strip():
         raise _Bad("no question (expected a 'question' or 'problem' string)")
-    answer = row.get("answer")
-    if isinstance(answer, int | float) and not isinstance(answer, bool):
-        answer = str(answer)
-    if not isinstance(answer, str) or not answer.strip():
-        raise _Bad("no answer")
-    answer = answer.strip()
+    answer, accept = _answers_of(row)
 
-    raw_images = row.get("images", row.get("image"))
+    raw_images = _literal(row.get("images", row.get("image")), "image")
     if raw_images is None or raw_images == "":
         raw_images = []
-    elif not isinstance(raw_images, list):
+    elif not isinstance(raw_images, list | tuple):
         raw_images = [raw_images]
     images = [_check_image(i, base) for i in raw_images]
 
-    options_raw = row.get("options", row.get("choices")) or []
-    if isinstance(options_raw, dict):
-        options_raw = [options_raw[k] for k in sorted(options_raw)]
-    if not isinstance(options_raw, list):
-        raise _Bad("options must be a list")
-    options = [str(o) for o in options_raw]
-    if len(options) > len(LETTERS):
-        raise _Bad(f"{len(options)} options (at most {len(LETTERS)})")
-
+    options = _options_of(row)
+    n_options = row.get("n_options") or len(options)
     kind = row.get("kind")
     if "####" in answer and not options:  # GSM8K: worked solution ending in "#### N"
         answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
         kind = kind or "numeric"
-    if options:
+    if kind in (None, "multi") and _MULTI_ANSWER.fullmatch(answer):  # "A, C": several letters (LogicVista)
+        letters = sorted(set(re.findall(r"[A-J]", answer)))
+        kind, answer = "multi", ",".join(letters)
+        n_options = max(n_options, LETTERS.index(letters[-1]) + 1)
+    elif options:
         kind = "mc"
         answer = _gold_letter(answer, options)
+    elif kind == "mc" or (kind is None and n_options):
+        if not re.fullmatch(r"\(?[A-J]\)?", answer):
+            raise _Bad(f"answer {answer!r} is not an option letter")
+        kind, answer = "mc", answer.strip("()")
+        n_options = max(n_options, LETTERS.index(answer) + 1)
+        options = list(LETTERS[:n_options])
     elif kind is None:
         if "problem" in row:
             kind = "math"  # MATH-style LaTeX answer
@@ -291,19 +320,25 @@ def row_to_item(row: Any, base: Path, where: str, source: str) -> BenchItem:
             kind = "math"
     if kind not in KINDS:
         raise _Bad(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind == "multi" and not options:
+        options = list(LETTERS[:n_options])
 
-    text = _IMAGE_TAG.sub("", question).strip() if images else question.strip()
-    text = "<image>\n" * len(images) + text
-    if options:
+    text = question.strip()
+    if options and kind in ("mc", "multi") and row.get("list_options", True):
         if all(o.strip().upper() == LETTERS[i] for i, o in enumerate(options)):
             text += "\nOptions: " + ", ".join(LETTERS[: len(options)]) + " (shown in the image)"
         else:
             text += "\nOptions:\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    instruction = row.get("instruction", MC_INSTRUCTION if kind == "mc" else FREE_INSTRUCTION)
+    default = {"mc": MC_INSTRUCTION, "multi": MULTI_INSTRUCTION}.get(kind, FREE_INSTRUCTION)
+    instruction = row.get("instruction", default)
     if not isinstance(instruction, str):
         raise _Bad("instruction must be a string")
     if instruction:
         text += "\n" + instruction
+    text, images = place_images(text, images)  # after the options: MMMU puts image tags in options too
+    decimals = row.get("decimals")
+    if decimals is not None and not (isinstance(decimals, int) and 0 <= decimals <= 12):
+        raise _Bad(f"decimals {decimals!r} must be a whole number of decimal places (0-12)")
     category = row.get("category") or row.get("subject") or row.get("type") or source
     item_id = row.get("id", row.get("unique_id", row.get("index")))
     return BenchItem(
@@ -315,6 +350,8 @@ def row_to_item(row: Any, base: Path, where: str, source: str) -> BenchItem:
         images=images,
         options=options,
         where=where,
+        accept=accept,
+        decimals=decimals,
     )
 
 

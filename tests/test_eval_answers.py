@@ -95,3 +95,41 @@ def test_parse_number_forms() -> None:
     assert parse_number(".5") == Fraction(1, 2)
     assert parse_number("x") is None
     assert parse_number("1/0") is None
+
+
+def test_vlmevalkit_can_infer_rules() -> None:
+    from r1v_quant.answers import can_infer_option, can_infer_text
+
+    assert can_infer_option("I think it is (C).", 4) == "C"
+    assert can_infer_option("B or C", 4) is None  # two letters: ambiguous
+    assert can_infer_option("A cat sits on the mat", 4) is None  # "A" as the article in a longer text
+    assert can_infer_option("A", 4) == "A"
+    assert can_infer_text("it is clearly the blue one", COLORS) == "B"
+    assert can_infer_text("red or blue", COLORS) is None
+    # a boxed option wins over letters elsewhere in the final answer; then the letter, then the option text
+    assert extract_answer("Not A. \\boxed{C}", "mc", OPTS4) == "C"
+    assert extract_answer("The shape is green.", "mc", COLORS) == "C"
+
+
+def test_budget_cut_answers_count_only_when_boxed() -> None:
+    from r1v_quant.answers import boxed_answer
+
+    assert boxed_answer("so \\boxed{12} and then I", "numeric") == "12"
+    assert boxed_answer("The answer is 12 and", "numeric") is None
+    assert boxed_answer("\\boxed{1", "numeric") is None  # the box itself was cut
+
+
+def test_accepted_answers_and_precision() -> None:
+    assert is_correct("7", "5", "numeric", accept=["7"])
+    assert not is_correct("7", "5", "numeric", accept=["6"])
+    assert is_correct("3.14", "3.1416", "numeric", decimals=2)
+    assert not is_correct("3.14", "3.1416", "numeric")  # exact (1e-6 relative) without a stated precision
+
+
+def test_math_verify_equivalence() -> None:
+    pytest.importorskip("math_verify")
+    # equal only symbolically: a mixed number and an improper fraction, reordered sums, sqrt forms
+    assert is_correct(extract_answer("\\boxed{4\\frac{2}{3}}", "math"), "\\frac{14}{3}", "math")
+    assert is_correct(extract_answer("\\boxed{1+x^2}", "math"), "x^2+1", "math")
+    assert is_correct(extract_answer("\\boxed{\\sqrt{200}}", "math"), "10\\sqrt{2}", "math")
+    assert not is_correct(extract_answer("\\boxed{q-p}", "math"), "p-q", "math")

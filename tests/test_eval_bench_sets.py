@@ -65,7 +65,7 @@ def test_jsonl_shapes(tmp_path: Path) -> None:
     bench = load_bench(str(f))
     mv, pz, gsm, math500, generic = bench.items
     assert (mv.kind, mv.answer, mv.category, mv.id) == ("mc", "C", "counting", "4")
-    assert mv.question.startswith("<image>\nWhich one?") and "<image1>" not in mv.question
+    assert mv.question.startswith("Which one?\n<image>\nOptions:") and "<image1>" not in mv.question
     assert "A. 1\nB. 2" in mv.question and mv.question.endswith(MC_INSTRUCTION)
     assert mv.images == [tmp_path / "images" / "a.png"]
     assert (pz.kind, pz.answer, pz.options) == ("mc", "C", ["6", "3", "4", "2"])
