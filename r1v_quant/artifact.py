@@ -100,7 +100,7 @@ class Artifact:
 
     name: str  # short label for reports: the folder (or Hub repo) name, or the GGUF file's stem
     path: Path  # what was named: a checkpoint folder, a .gguf file or a folder of GGUFs
-    kind: str  # "checkpoint" (16-bit safetensors) | "awq" | "gguf"
+    kind: str  # "checkpoint" (16-bit safetensors) | "awq" | "gguf" | "server" (an OpenAI-compatible endpoint)
     flavor: str | None  # r1v / r1v2 / r1v3 (the chat template); None for a GGUF without r1v-quant's key
     vocab: int  # tokens the tokenizer knows (GGUF: its token list)
     hidden: int
@@ -119,12 +119,12 @@ class Artifact:
 
     @property
     def backend(self) -> str:
-        return "llama.cpp" if self.kind == "gguf" else "torch"
+        return {"gguf": "llama.cpp", "server": "openai"}.get(self.kind, "torch")
 
     def describe(self) -> dict[str, Any]:
         return {
             "artifact": self.name,
-            "path": str(self.path),
+            "path": self.extra.get("url", str(self.path)),
             "backend": self.backend,
             "quant": self.quant,
             "size_bytes": self.size_bytes,

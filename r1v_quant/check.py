@@ -5,7 +5,9 @@ and quality_vs_size.png.
 
 Each model is loaded once: its windows are scored and its benchmark answers generated while it is open.
 KLD, PPL-ratio and top-token gates apply to every window kind separately (text and image each must pass);
-the benchmark gate is the point estimate of the accuracy drop, in points, with its interval reported.
+the benchmark gate decides on the paired 95 % interval of the accuracy delta and on the run's resolution
+(r1v_quant.eval_bench.verdict): a run too small to resolve --max-drop is UNRESOLVED, which does not pass.
+A synthetic benchmark (builtin:*) is labelled so in the report and never written into a model card.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from r1v_quant import __version__
 from r1v_quant.artifact import Artifact
 from r1v_quant.atomic import atomic_dir
 from r1v_quant.bench_sets import BenchSet
+from r1v_quant.decoding import Decoding, resolve_decoding
 from r1v_quant.eval_backends import RuntimeOptions
-from r1v_quant.eval_bench import bench_report, bench_runner
+from r1v_quant.eval_bench import PASS, SYNTHETIC_NOTE, bench_report, bench_runner
 from r1v_quant.eval_ppl import WindowSpec, build_windows, evaluate_models, ppl_report
 
 REPORT_FILES = ("report.md", "report.json", "quality_vs_size.png")
@@ -49,8 +52,8 @@ def apply_gates(kinds: dict[str, dict[str, float]], bench: dict[str, Any] | None
             fails.append(f"{kind} PPL ratio {s['ppl_ratio']:.4f} > {gates.max_ppl_ratio:g}")
         if s["same_top_pct"] < gates.min_top1:
             fails.append(f"{kind} same top token {s['same_top_pct']:.1f} % < {gates.min_top1:g} %")
-    if bench is not None and bench["drop"] > gates.max_drop:
-        fails.append(f"benchmark drop {bench['drop']:.1f} > {gates.max_drop:g} points")
+    if bench is not None and bench["verdict"] != PASS:
+        fails.append(f"benchmark {bench['verdict']}: {bench['why']}")
     return fails
 
 
@@ -75,6 +78,8 @@ def flat_row(
         "ci_low": paired.get("ci_low"),
         "ci_high": paired.get("ci_high"),
         "p_mcnemar": paired.get("p_mcnemar"),
+        "detectable": paired.get("detectable"),
+        "bench_verdict": (bench or {}).get("verdict"),
         "truncated": (bench or {}).get("truncated"),
     }
     for kind, s in (kinds or {}).items():
@@ -95,15 +100,20 @@ def run_check(
     runtime: RuntimeOptions | None = None,
     progress: bool = False,
     command: str = "",
+    decoding: Decoding | None = None,
 ) -> dict[str, Any]:
-    """Measure everything and return the report (see :func:`write_report`)."""
+    """Measure everything and return the report (see :func:`write_report`). `decoding` defaults to the
+    reference's own sampling settings, one answer per item, `max_tokens` each."""
     windows = build_windows(ref, ws)
+    decoding = decoding or resolve_decoding(ref.path, ref.flavor, seed=seed, max_tokens=max_tokens)
     runs = evaluate_models(
         ref,
         cands,
         windows,
-        per_model=bench_runner(bench.items, max_tokens, progress=progress) if bench else None,
-        gen_budget=max_tokens if bench else 0,
+        per_model=bench_runner(bench.items, decoding, progress=progress, max_drop=gates.max_drop)
+        if bench
+        else None,
+        gen_budget=decoding.max_tokens if bench else 0,
         runtime=runtime,
         progress=progress,
     )
@@ -115,7 +125,7 @@ def run_check(
             [(r.artifact.describe(), r.bench) for r in runs],
             max_drop=gates.max_drop,
             seed=seed,
-            max_tokens=max_tokens,
+            decoding=decoding,
         )
     ref_row = flat_row(runs[0].artifact.describe(), None, bench_rep["reference"] if bench_rep else None)
     ref_row.update(ppl=ppl["reference"]["ppl"]["all"]["ppl"], ppl_ratio=1.0, kld_mean=0.0, top1_pct=100.0)
@@ -143,6 +153,8 @@ def run_check(
 
 
 def _mb(n: int) -> str:
+    if not n:
+        return "–"
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
@@ -167,7 +179,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         f"**Verdict: {'PASS' if report['passed'] else 'FAIL'}** — gates: mean KLD ≤ {g['max_kld']:g} and PPL "
         f"ratio ≤ {g['max_ppl_ratio']:g} and same top token ≥ {g['min_top1']:g} % on every window kind "
-        f"({', '.join(kinds)}), benchmark accuracy drop ≤ {g['max_drop']:g} points.",
+        f"({', '.join(kinds)}), benchmark accuracy drop ≤ {g['max_drop']:g} points with 95 % confidence "
+        "(a run too small to tell is UNRESOLVED, not a pass).",
         "",
         f"Reference: `{ref['artifact']}` ({ref['backend']}, {ref['quant']}, {_mb(ref['size_bytes'])}), "
         f"PPL {ref['ppl']:.4f}"
@@ -178,8 +191,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         "| artifact | backend | quant | size | PPL | PPL ratio | "
         + " | ".join(f"KLD {k}" for k in kinds)
-        + " | same top % | bench % | Δ points [95 % CI] | McNemar p | truncated | gate |",
-        "|---|---|---|---:|---:|---:|" + "---:|" * len(kinds) + "---:|---:|---|---:|---:|---|",
+        + " | same top % | bench % | Δ points [95 % CI] | McNemar p | detectable Δ | truncated | gate |",
+        "|---|---|---|---:|---:|---:|" + "---:|" * len(kinds) + "---:|---:|---|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         delta = (
@@ -190,7 +203,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         cells = [r["artifact"], r["backend"], r["quant"], _mb(r["size_bytes"]), _f(r["ppl"], ".4f")]
         cells += [_f(r["ppl_ratio"], ".4f"), *(_f(r.get(f"kld_{k}"), ".3g") for k in kinds)]
         cells += [_f(r["top1_pct"], ".2f"), _f(r["bench_acc"], ".1f"), delta, _f(r["p_mcnemar"], ".3g")]
-        cells += [_f(r["truncated"], "d"), "PASS" if r["passed"] else "FAIL"]
+        cells += [_f(r.get("detectable"), ".1f"), _f(r["truncated"], "d")]
+        cells.append("PASS" if r["passed"] else ("UNRESOLVED" if r.get("bench_verdict") == "UNRESOLVED"
+                                                  and len(r["failures"]) == 1 else "FAIL"))  # fmt: skip
         out.append(_row(cells))
     failing = [r for r in report["rows"] if r["failures"]]
     if failing:
@@ -219,13 +234,16 @@ def format_markdown(report: dict[str, Any]) -> str:
             out.append(_row(cells))
     if bench is not None:
         b = bench["bench"]
+        dec = Decoding(**{k: v for k, v in bench["decoding"].items() if k != "greedy"})
         out += [
             "",
             "## Benchmark",
             "",
-            f"`{b['name']}`: {b['items']} items, greedy, at most {b['max_tokens']} new tokens per answer "
-            f"(a cut-off answer counts as wrong and is listed as truncated); paired bootstrap over items "
-            f"(10,000 resamples, seed {b['seed']}); exact McNemar test on the discordant items."
+            f"`{b['name']}`{SYNTHETIC_NOTE if b.get('synthetic') else ''}: {b['items']} items; decoding "
+            f"{dec.label()} (an answer the budget cut off before its final answer counts as wrong and is "
+            f"listed as truncated); the answer is read after the last `</think>`; paired bootstrap over "
+            f"items (10,000 resamples, seed {b['seed']}); exact McNemar test (sign test over items when "
+            "k > 1); detectable Δ: the smallest delta this n and k find with 80 % power."
             + (f" {len(b['skipped_bad'])} bad rows skipped." if b["skipped_bad"] else ""),
             "",
             "| category | n | "
@@ -324,6 +342,9 @@ def card_rows(report: dict[str, Any]) -> dict[Path, list[dict[str, Any]]]:
     from r1v_quant.model_card import CARD_NAME
 
     out: dict[Path, list[dict[str, Any]]] = {}
+    bench = report.get("bench") or {}
+    # a synthetic benchmark measures nothing a user of the artifact can rely on: never in a card
+    published = bench and not bench["bench"].get("synthetic")
     for r in report["rows"]:
         path = Path(r["path"])
         folder = path if path.is_dir() else path.parent
@@ -336,10 +357,20 @@ def card_rows(report: dict[str, Any]) -> dict[Path, list[dict[str, Any]]]:
                 "ppl_ratio": r["ppl_ratio"],
                 "kld": r["kld_mean"],
                 "top1": r["top1_pct"],
-                "bench_delta": r["bench_delta"],
+                "bench_delta": _bench_cell(r, bench["bench"]) if published else None,
             }
         )
     return out
+
+
+def _bench_cell(row: dict[str, Any], bench: dict[str, Any]) -> str | None:
+    """`-1.2 [-3.0, +0.6] on mathvision (n 304)`: the delta with its interval and what it was measured on."""
+    if row.get("bench_delta") is None:
+        return None
+    return (
+        f"{row['bench_delta']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] on {bench['name']} "
+        f"(n {bench['items']})"
+    )
 
 
 def update_cards(report: dict[str, Any]) -> list[Path]:

@@ -6,12 +6,18 @@ reference forward, AWQ dequantized by r1v-quant's loader) or a GGUF (a `.gguf` f
 mmproj: llama.cpp through `r1v_quant.llamacpp_runtime`). Both backends score the same token ids (the
 reference's tokenization, checked equal) and generate from each artifact's own template and stop tokens.
 
+Answers for `eval bench` come from `generate_many`: requests (question, images, seed) decoded with one
+`Decoding` (r1v_quant.decoding), each answer's budget capped by the context the backend has. The torch
+backend decodes a batch of requests at once (r1v_quant.batch_generate), llama.cpp one after another, an
+OpenAI-compatible server several in parallel (r1v_quant.server_backend).
+
 Only one model is open at a time: callers open, use and close each backend in turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 
 from r1v_quant.artifact import Artifact
+from r1v_quant.decoding import Decoding
 from r1v_quant.device import resolve_device
 from r1v_quant.errors import R1VError
 from r1v_quant.evalset import Window
@@ -46,7 +53,18 @@ PROBE_TEXTS = (
 class Generation:
     text: str
     n_tokens: int
-    stopped: bool  # False: the max-tokens budget cut the answer off
+    stopped: bool  # False: the max-tokens budget (or the context) cut the answer off
+    budget: int = 0  # the new tokens this answer was allowed: the decoding's budget, capped by the context
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    question: str  # the user turn with one `<image>` placeholder per image
+    images: Sequence[ImageSource]
+    seed: int
+
+
+OnDone = Callable[[int, Generation], None]
 
 
 class Backend(Protocol):
@@ -58,7 +76,17 @@ class Backend(Protocol):
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation: ...
 
+    def generate_many(
+        self, reqs: Sequence[GenRequest], decoding: Decoding, on_done: OnDone | None = None
+    ) -> list[Generation]: ...
+
+    def speed(self, req: GenRequest, n_tokens: int = 32) -> float: ...
+
     def close(self) -> None: ...
+
+
+def greedy(max_tokens: int) -> Decoding:
+    return Decoding(0.0, 1.0, 1.0, 1, 0, max_tokens, "greedy")
 
 
 # -- same architecture, same tokenizer --------------------------------------------------------------------
@@ -74,6 +102,8 @@ def check_compatible(ref: Artifact, cand: Artifact, *, needs_images: bool) -> No
     ):
         if a != b:
             raise R1VError(f"{cand.path}: {what} {b} differs from the reference's {a}: not the same model")
+    if cand.backend == "openai":
+        return  # a server: nothing to compare before it answers (its flavour, tokens and files are its own)
     if needs_images and cand.backend == "llama.cpp" and cand.mmproj_gguf is None:
         raise R1VError(f"{cand.path}: no mmproj GGUF next to it; image windows and image items need one")
     ref_tok = _tokenizer(ref)
@@ -123,6 +153,8 @@ class RuntimeOptions:
     n_gpu_layers: int = 0
     torch_device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     torch_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    batch_size: int = 8  # torch backend: answers decoded at once
+    parallel: int = 4  # server backend: requests in flight at once
 
     def torch_placement(self) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(self.torch_device, "--torch-device")
@@ -139,6 +171,8 @@ class RuntimeOptions:
             "torch_dtype": str(dtype).removeprefix("torch."),
             "llama_threads": self.n_threads,
             "llama_gpu_layers": self.n_gpu_layers,
+            "batch_size": self.batch_size,
+            "parallel": self.parallel,
         }
 
 
@@ -158,6 +192,7 @@ class TorchBackend:
         self.model = R1VModel.from_checkpoint(ckpt, dtype=self.dtype, device=self.device)
         self.tok = R1VTokenizer.from_dir(artifact.path)
         self.stop_ids = self.tok.stop_ids(self.spec.flavor)
+        self.batch_size = max(1, (runtime or RuntimeOptions()).batch_size)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -173,17 +208,67 @@ class TorchBackend:
         return torch.log_softmax(logits[0][window.score.to(self.device)].float().cpu(), -1)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
+        return self.generate_many([GenRequest(question, images, 0)], greedy(max_new_tokens))[0]
+
+    def _embeds(self, req: GenRequest) -> tuple[torch.Tensor, list[int]]:
         from r1v_quant.model import build_inputs
 
-        ids, pixels, _ = build_inputs(self.artifact.path, self.spec, question, list(images))
+        ids, pixels, _ = build_inputs(self.artifact.path, self.spec, req.question, list(req.images))
         with torch.device(self.device):
-            res = self.model.generate(
-                ids.to(self.device),
-                self._pixels(pixels),
-                max_new_tokens=max_new_tokens,
-                stop_ids=self.stop_ids,
-            )
-        return Generation(self.tok.decode(res.tokens), len(res.tokens), res.stopped)
+            embeds = self.model.embed(ids.to(self.device), self._pixels(pixels))
+        return embeds[0], ids[0].tolist()
+
+    def generate_many(
+        self, reqs: Sequence[GenRequest], decoding: Decoding, on_done: OnDone | None = None
+    ) -> list[Generation]:
+        """Batches of `batch_size` requests decoded together; a prompt's embeddings are computed once for
+        all the samples of its question. Budgets are capped by the model's position limit."""
+        from r1v_quant.batch_generate import Row, generate_rows
+
+        out: list[Generation | None] = [None] * len(reqs)
+        cache: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
+        limit = self.spec.llm.max_position_embeddings
+        for start in range(0, len(reqs), self.batch_size):
+            part = list(range(start, min(start + self.batch_size, len(reqs))))
+            rows = []
+            for i in part:
+                key = (reqs[i].question, id(reqs[i].images))
+                if key not in cache:
+                    cache = {key: self._embeds(reqs[i])}  # requests of one question come together
+                embeds, ids = cache[key]
+                budget = max(0, min(decoding.max_tokens, limit - embeds.shape[0]))
+                rows.append(Row(embeds, ids, budget, reqs[i].seed))
+
+            def done(j: int, res: Any, part: list[int] = part, rows: list[Row] = rows) -> None:
+                text = self.tok.decode(res.tokens)
+                gen = Generation(text, len(res.tokens), res.stopped, rows[j].max_new_tokens)
+                out[part[j]] = gen
+                if on_done is not None:
+                    on_done(part[j], gen)
+
+            with torch.device(self.device):
+                generate_rows(
+                    self.model.language_model,
+                    rows,
+                    temperature=decoding.temperature,
+                    top_p=decoding.top_p,
+                    repetition_penalty=decoding.repetition_penalty,
+                    stop_ids=self.stop_ids,
+                    on_done=done,
+                )
+        return [g for g in out if g is not None]
+
+    def speed(self, req: GenRequest, n_tokens: int = 32) -> float:
+        """Decode tokens per second for one batch of `batch_size` answers of `n_tokens` (never stopping)."""
+        from r1v_quant.batch_generate import Row, generate_rows
+
+        embeds, ids = self._embeds(req)
+        rows = [Row(embeds, ids, n_tokens, k) for k in range(self.batch_size)]
+        t0 = time.perf_counter()
+        with torch.device(self.device):
+            lm = self.model.language_model
+            res = generate_rows(lm, rows, temperature=0.0, top_p=1.0, repetition_penalty=1.0, stop_ids=())
+        return sum(len(r.tokens) for r in res) / max(time.perf_counter() - t0, 1e-9)
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -217,9 +302,40 @@ class LlamaCppBackend:
         return torch.log_softmax(torch.from_numpy(logits)[window.score], -1)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
-        ids, embeds = self.rt.prompt([{"role": "user", "content": question}], list(images), think=True)
-        res = self.rt.generate(ids, embeds, max_new_tokens=max_new_tokens)
-        return Generation(self.rt.detokenize(res.tokens), len(res.tokens), res.stopped)
+        return self.generate_many([GenRequest(question, images, 0)], greedy(max_new_tokens))[0]
+
+    def generate_many(
+        self, reqs: Sequence[GenRequest], decoding: Decoding, on_done: OnDone | None = None
+    ) -> list[Generation]:
+        """One answer after another (the KV cache keeps the prompt shared by a question's samples); a
+        budget is capped by what the context has left after the prompt."""
+        out = []
+        last: tuple[tuple[str, int], Any] | None = None
+        for i, req in enumerate(reqs):
+            key = (req.question, id(req.images))
+            if last is None or last[0] != key:
+                last = (key, self.rt.prompt([{"role": "user", "content": req.question}], list(req.images)))
+            ids, embeds = last[1]
+            budget = max(0, min(decoding.max_tokens, self.rt.n_ctx - len(ids)))
+            res = self.rt.generate(
+                ids,
+                embeds,
+                max_new_tokens=budget,
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                seed=req.seed,
+                repetition_penalty=decoding.repetition_penalty,
+            )
+            gen = Generation(self.rt.detokenize(res.tokens), len(res.tokens), res.stopped, budget)
+            out.append(gen)
+            if on_done is not None:
+                on_done(i, gen)
+        return out
+
+    def speed(self, req: GenRequest, n_tokens: int = 32) -> float:
+        ids, embeds = self.rt.prompt([{"role": "user", "content": req.question}], list(req.images))
+        res = self.rt.generate(ids, embeds, max_new_tokens=n_tokens, ignore_stop=True)
+        return len(res.tokens) / max(res.timings["decode_s"], 1e-9)
 
     def close(self) -> None:
         self.rt.close()
@@ -229,9 +345,16 @@ def open_backend(artifact: Artifact, *, n_ctx: int = 4096, runtime: RuntimeOptio
     rt = runtime or RuntimeOptions()
     if artifact.backend == "torch":
         return TorchBackend(artifact, rt)
+    if artifact.backend == "openai":
+        from r1v_quant.server_backend import ServerBackend
+
+        return ServerBackend(artifact, parallel=rt.parallel)
     return LlamaCppBackend(artifact, n_ctx=n_ctx, n_threads=rt.n_threads, n_gpu_layers=rt.n_gpu_layers)
 
 
 def check_runtime_tokenizer(ref: Artifact, backend: Backend) -> None:
-    """After loading: the backend's own tokenizer (llama.cpp's reading of the GGUF) must match the ref's."""
+    """After loading: the backend's own tokenizer (llama.cpp's reading of the GGUF) must match the ref's.
+    A server's tokenizer cannot be read: it is not checked."""
+    if backend.artifact.backend == "openai":
+        return
     compare_tokenizers(_tokenizer(ref).encode, backend.tokenize, backend.artifact.path)

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from r1v_quant.decoding import DEFAULT_MAX_TOKENS
 from r1v_quant.errors import R1VError
 
 
@@ -24,10 +25,11 @@ def _models(f: Callable[..., Any]) -> Callable[..., Any]:
         "cands",
         multiple=True,
         required=True,
-        metavar="PATH|REPO[@REV]",
+        metavar="PATH|REPO[@REV]|openai:URL[#MODEL]",
         help="Candidate: checkpoint folder (16-bit / AWQ) or its Hugging Face repo id (REPO@REV pins a "
-        "branch, tag or commit), a local .gguf file (sibling mmproj*.gguf used), or a local folder with "
-        "one GGUF (+ mmproj). Repeatable.",
+        "branch, tag or commit), a local .gguf file (sibling mmproj*.gguf used), a local folder with "
+        "one GGUF (+ mmproj), or (eval bench) an OpenAI-compatible server, openai:http://HOST:PORT/v1 "
+        "(#MODEL picks one of its models). Repeatable.",
     )(f)
     f = click.option(
         "--ref",
@@ -61,11 +63,20 @@ def _runtime(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _runtime_options(threads: int | None, gpu_layers: int, torch_device: str, torch_dtype: str) -> Any:
+def _runtime_options(
+    threads: int | None,
+    gpu_layers: int,
+    torch_device: str,
+    torch_dtype: str,
+    batch_size: int = 8,
+    parallel: int = 4,
+) -> Any:
     """The options of `_runtime`, checked before any model loads (a CUDA request without CUDA fails now)."""
     from r1v_quant.eval_backends import RuntimeOptions
 
-    rt = RuntimeOptions(threads, gpu_layers, torch_device, torch_dtype)
+    if batch_size < 1 or parallel < 1:
+        raise R1VError("--batch-size and --parallel must be at least 1")
+    rt = RuntimeOptions(threads, gpu_layers, torch_device, torch_dtype, batch_size, parallel)
     rt.torch_placement()
     return rt
 
@@ -116,14 +127,41 @@ def _bench_opts(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Evaluate a seeded random subset of this many items (0: all).",
         ),
         click.option(
+            "--stratify", is_flag=True, help="With --limit: keep every category's share of the items."
+        ),
+        click.option(
             "--max-tokens",
             type=int,
-            default=1024,
+            default=DEFAULT_MAX_TOKENS,
             show_default=True,
-            help="Generation budget per answer; cut-off answers count as truncated (wrong).",
+            help="Budget per answer, capped by the context (the model's trained length); an answer cut off "
+            "before its final answer counts as truncated (wrong).",
+        ),
+        click.option(
+            "--samples",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Answers per item (sampled, seeds shared by every model); accuracy is their mean.",
+        ),
+        click.option(
+            "--greedy", is_flag=True, help="Greedy decoding instead of the checkpoint's sampling settings."
+        ),
+        click.option("--temperature", type=float, default=None, help="Override the checkpoint's value."),
+        click.option("--top-p", type=float, default=None, help="Override the checkpoint's top-p."),
+        click.option(
+            "--repetition-penalty", type=float, default=None, help="Override the checkpoint's penalty."
+        ),
+        click.option(
+            "--batch-size", type=int, default=8, show_default=True, help="Torch backend: answers at once."
+        ),
+        click.option(
+            "--parallel", type=int, default=4, show_default=True, help="Server backend: requests in flight."
         ),
         click.option("--skip-bad", is_flag=True, help="Skip malformed rows (they are still reported)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Subset and bootstrap seed."),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Subset, sampling and bootstrap seed."
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -137,9 +175,13 @@ def _resolve(
     from r1v_quant.artifact import resolve_artifact, resolve_reference
     from r1v_quant.eval_backends import check_compatible
     from r1v_quant.hub import resolve_model
+    from r1v_quant.server_backend import is_server_spec, server_artifact
 
     ref_art = resolve_reference(resolve_model(ref, progress=progress))
-    arts = [resolve_artifact(resolve_model(c, progress=progress)) for c in cands]
+    arts = [
+        server_artifact(c) if is_server_spec(c) else resolve_artifact(resolve_model(c, progress=progress))
+        for c in cands
+    ]
     seen: dict[str, int] = {ref_art.name: 1}
     for a in arts:  # two artifacts with one name (two folders called "model"): number the later ones
         seen[a.name] = seen.get(a.name, 0) + 1
@@ -150,10 +192,12 @@ def _resolve(
     return ref_art, arts
 
 
-def _load_benches(specs: tuple[str, ...], limit: int, seed: int, skip_bad: bool) -> Any:
+def _load_benches(
+    specs: tuple[str, ...], limit: int, seed: int, skip_bad: bool, stratify: bool = False
+) -> Any:
     from r1v_quant.bench_sets import BenchSet, load_bench
 
-    sets = [load_bench(s, limit=limit, seed=seed, skip_bad=skip_bad) for s in specs]
+    sets = [load_bench(s, limit=limit, seed=seed, skip_bad=skip_bad, stratify=stratify) for s in specs]
     if len(sets) == 1:
         return sets[0]
     items = []
@@ -166,6 +210,24 @@ def _load_benches(specs: tuple[str, ...], limit: int, seed: int, skip_bad: bool)
         items,
         [b for s in sets for b in s.bad],
         sum(s.total_rows for s in sets),
+        synthetic=any(s.synthetic for s in sets),
+    )
+
+
+def _decoding(ref_art: Any, o: dict[str, Any]) -> Any:
+    """The reference's sampling settings with the command line's overrides."""
+    from r1v_quant.decoding import resolve_decoding
+
+    return resolve_decoding(
+        ref_art.path,
+        ref_art.flavor,
+        greedy=o["greedy"],
+        temperature=o["temperature"],
+        top_p=o["top_p"],
+        repetition_penalty=o["repetition_penalty"],
+        samples=o["samples"],
+        seed=o["seed"],
+        max_tokens=o["max_tokens"],
     )
 
 
@@ -237,7 +299,9 @@ def ppl_command(
     "benches",
     multiple=True,
     required=True,
-    help="builtin:tiny, a JSONL / VLMEvalKit TSV file, or a folder of them. Repeatable.",
+    help="builtin:tiny (synthetic), NAME:PATH for a published benchmark (mathvista, mathvision, mmmu, "
+    "logicvista, wemath, math500, aime, gsm8k), or a JSONL / VLMEvalKit TSV / JSON / parquet file or a "
+    "folder of them. Repeatable.",
 )
 @_bench_opts
 @click.option(
@@ -245,7 +309,8 @@ def ppl_command(
     type=float,
     default=1.0,
     show_default=True,
-    help="Gate: exit 1 when a candidate's accuracy is more than this many points below REF's.",
+    help="Gate: a candidate passes when its 95 % interval rules out a drop of more than this many points "
+    "and the run can resolve it; exit 1 otherwise.",
 )
 @click.option(
     "--save-responses",
@@ -259,10 +324,6 @@ def bench_command(
     ref: str,
     cands: tuple[str, ...],
     benches: tuple[str, ...],
-    limit: int,
-    max_tokens: int,
-    skip_bad: bool,
-    seed: int,
     max_drop: float,
     save_responses: Path | None,
     threads: int | None,
@@ -270,32 +331,35 @@ def bench_command(
     torch_device: str,
     torch_dtype: str,
     as_json: bool,
+    **o: Any,
 ) -> None:
-    """Accuracy of REF and each candidate on a benchmark, paired deltas, McNemar p-values and the gate."""
+    """Accuracy of REF and each candidate on a benchmark, paired deltas with intervals, and the gate: PASS
+    when the 95 % interval excludes a drop beyond --max-drop, FAIL when it lies beyond it, UNRESOLVED (exit
+    1 too) when the run cannot tell. Decodes with REF's own sampling settings unless --greedy."""
     from r1v_quant.eval_bench import bench_report, bench_runner, format_bench
     from r1v_quant.eval_bench import save_responses as save
     from r1v_quant.eval_ppl import evaluate_models
 
-    if max_tokens < 1:
-        raise R1VError("--max-tokens must be at least 1")
-    bench = _load_benches(benches, limit, seed, skip_bad)
+    bench = _load_benches(benches, o["limit"], o["seed"], o["skip_bad"], o["stratify"])
     needs_images = any(it.images for it in bench.items)
-    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
+    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype, o["batch_size"], o["parallel"])
     ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
+    decoding = _decoding(ref_art, o)
     runs = evaluate_models(
         ref_art,
         arts,
         [],
-        per_model=bench_runner(bench.items, max_tokens, progress=not as_json),
-        gen_budget=max_tokens,
+        per_model=bench_runner(bench.items, decoding, progress=not as_json, max_drop=max_drop),
+        gen_budget=decoding.max_tokens,
         runtime=rt,
         progress=not as_json,
     )
     pairs = [(r.artifact.describe(), r.bench) for r in runs]
     if save_responses is not None:
         save(save_responses, pairs)
-    report = bench_report(bench, pairs, max_drop=max_drop, seed=seed, max_tokens=max_tokens)
+    report = bench_report(bench, pairs, max_drop=max_drop, seed=o["seed"], decoding=decoding)
     report["runtime"] = rt.describe()
+    report["preflight"] = {r.artifact.name: r.artifact.extra.get("preflight") for r in runs}
     _emit(report, as_json, format_bench(report))
     if not report["passed"]:
         sys.exit(1)
@@ -323,7 +387,8 @@ def bench_command(
     multiple=True,
     default=("builtin:tiny",),
     show_default=True,
-    help="Benchmark(s) (see `eval bench`); 'none' to skip.",
+    help="Benchmark(s) (see `eval bench`; builtin:tiny is synthetic: reported, never written into a model "
+    "card); 'none' to skip.",
 )
 @_bench_opts
 @click.option(
@@ -336,7 +401,11 @@ def bench_command(
     "--min-top1", type=float, default=90.0, show_default=True, help="Gate: same top token, percent."
 )
 @click.option(
-    "--max-drop", type=float, default=1.0, show_default=True, help="Gate: benchmark accuracy drop, points."
+    "--max-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Gate: benchmark accuracy drop, points, ruled out with 95 % confidence (else FAIL / UNRESOLVED).",
 )
 @click.option(
     "--update-cards",
@@ -357,10 +426,6 @@ def check_command(
     n_text: int,
     n_image: int,
     benches: tuple[str, ...],
-    limit: int,
-    max_tokens: int,
-    skip_bad: bool,
-    seed: int,
     max_kld: float,
     max_ppl_ratio: float,
     min_top1: float,
@@ -371,6 +436,7 @@ def check_command(
     torch_dtype: str,
     update_cards: bool,
     as_json: bool,
+    **o: Any,
 ) -> None:
     """The release gate: ppl / KLD (text + image windows) and benchmark deltas for every candidate, gates
     applied, report written to OUT. Exit 1 when any candidate fails a gate."""
@@ -381,15 +447,22 @@ def check_command(
 
     check_output_dir(out)  # fail now, not after the measurements
     with claim_output(out):  # OUT is this run's until its report is written
-        if max_tokens < 1:
-            raise R1VError("--max-tokens must be at least 1")
+        from r1v_quant.server_backend import is_server_spec
+
+        if any(is_server_spec(c) for c in cands):
+            raise R1VError("check needs each candidate's logits (KLD): evaluate a server with `eval bench`")
         set_opt = None if set_name == "none" else set_name
         if set_opt is None and text_file is None:
             raise R1VError("nothing to score: --set none needs --text FILE")
-        bench = None if benches == ("none",) else _load_benches(benches, limit, seed, skip_bad)
+        bench = (
+            None
+            if benches == ("none",)
+            else _load_benches(benches, o["limit"], o["seed"], o["skip_bad"], o["stratify"])
+        )
         needs_images = set_opt is not None or bool(bench and any(it.images for it in bench.items))
-        rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
+        rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype, o["batch_size"], o["parallel"])
         ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
+        decoding = _decoding(ref_art, o)
         ws = WindowSpec(set_opt, text_file, ctx, stride, n_text, n_image, chunks)
         gates = Gates(max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_drop=max_drop)
         command = (
@@ -403,11 +476,12 @@ def check_command(
             ws,
             bench,
             gates,
-            max_tokens=max_tokens,
-            seed=seed,
+            max_tokens=decoding.max_tokens,
+            seed=o["seed"],
             runtime=rt,
             progress=not as_json,
             command=command,
+            decoding=decoding,
         )
         report["runtime"] = rt.describe()
         write_report(report, out)

@@ -168,10 +168,15 @@ class ModelRun:
     bench: list[Any] = field(default_factory=list)
 
 
-def n_ctx_for(windows: list[Window], gen_budget: int = 0) -> int:
-    """llama.cpp context size that fits the longest window and a prompt plus the generation budget."""
+def n_ctx_for(windows: list[Window], gen_budget: int = 0, cap: int | None = None) -> int:
+    """llama.cpp context size that fits the longest window and a prompt plus the generation budget, at
+    most `cap` (the model's trained context) for the generation part: an answer's budget then shrinks to
+    what the context leaves after its prompt."""
     longest = max((len(w.input_ids) for w in windows), default=0)
-    return max(longest, 4096 + gen_budget if gen_budget else 0, 512)
+    gen = 4096 + gen_budget if gen_budget else 0
+    if cap:
+        gen = min(gen, cap)
+    return max(longest, gen, 512)
 
 
 def evaluate_models(
@@ -189,7 +194,7 @@ def evaluate_models(
     (the benchmark) while it is loaded. Returns one ModelRun per model, the reference first."""
     from r1v_quant.eval_backends import check_runtime_tokenizer, open_backend
 
-    n_ctx = n_ctx_for(windows, gen_budget)
+    n_ctx = n_ctx_for(windows, gen_budget, ref.spec.llm.max_position_embeddings if ref.spec else None)
     runs: list[ModelRun] = []
     with RefStore(windows, ref.vocab, ref_dtype) as store:
         for k, art in enumerate([ref, *cands]):

@@ -354,6 +354,7 @@ class LlamaCppRuntime(Closeable):
         seed: int = 0,
         on_token: Callable[[int], Any] | None = None,
         ignore_stop: bool = False,
+        repetition_penalty: float = 1.0,
     ) -> RuntimeResult:
         """Sample up to `max_new_tokens` after `ids`; greedy at temperature 0. Stops at the stop ids unless
         `ignore_stop` (benchmarks that need exactly `max_new_tokens`)."""
@@ -390,6 +391,8 @@ class LlamaCppRuntime(Closeable):
             seed=seed,
             stop_ids=() if ignore_stop else self.stop_ids,
             on_token=on_token,
+            repetition_penalty=repetition_penalty,
+            prompt_ids=ids,
         )
         t2 = time.perf_counter()
         result.timings = {
@@ -403,7 +406,21 @@ class LlamaCppRuntime(Closeable):
         return result
 
 
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+def sample_token(
+    logits: np.ndarray,
+    temperature: float,
+    top_p: float,
+    rng: np.random.Generator,
+    *,
+    penalty: float = 1.0,
+    seen: np.ndarray | None = None,
+) -> int:
+    """One token: repetition penalty on the `seen` ids (a positive logit divided by `penalty`, a negative
+    one multiplied, as transformers and vLLM do), then temperature and top-p; greedy at temperature 0."""
+    if penalty != 1.0 and seen is not None:
+        logits = logits.copy()
+        hit = logits[seen]
+        logits[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
@@ -428,21 +445,31 @@ def sample_tokens(
     seed: int,
     stop_ids: Collection[int],
     on_token: Callable[[int], Any] | None,
+    repetition_penalty: float = 1.0,
+    prompt_ids: Sequence[int] = (),
 ) -> RuntimeResult:
     """Sample up to `max_new_tokens` from the prompt's last-position `logits` on.
 
     `feed(token)` decodes an accepted token and returns the next logits, or None when the context is full
     (the result is then not `stopped`). A stop token ends the answer and is never fed. The llama.cpp and
-    torch engines share this loop so that they stop, stream and count tokens alike.
+    torch engines share this loop so that they stop, stream and count tokens alike. The repetition penalty
+    covers the prompt's ids and every generated one.
     """
     rng = np.random.default_rng(seed)
     result = RuntimeResult()
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = np.zeros(len(logits), dtype=bool)
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        seen[ids[(ids >= 0) & (ids < len(seen))]] = True
     for _ in range(max_new_tokens):
-        nxt = sample_token(logits, temperature, top_p, rng)
+        nxt = sample_token(logits, temperature, top_p, rng, penalty=repetition_penalty, seen=seen)
         if nxt in stop_ids:
             result.stopped = True
             break
         result.tokens.append(nxt)
+        if seen is not None:
+            seen[nxt] = True
         if on_token is not None:
             on_token(nxt)
         next_logits = feed(nxt)

@@ -1,8 +1,10 @@
 """Paired statistics for benchmark deltas: both models answer the same items, so the comparison is per item.
 
-`paired_bootstrap` resamples items (not models) with a seeded numpy Generator: the same seed gives the same
-interval. `mcnemar_exact` is the exact binomial McNemar test on the discordant pairs (items exactly one of the
-two models gets right).
+An item's score is its accuracy over the k samples answered for it (0 or 1 when k = 1). `paired_bootstrap`
+resamples items (not models) with a seeded numpy Generator: the same seed gives the same interval.
+`mcnemar_exact` is the exact binomial McNemar test on the discordant pairs (items exactly one of the two
+models gets right); with k > 1 the same exact test counts the items either model scores higher on (the
+sign test). `detectable_drop` is the smallest true delta the run has 80 % power to find at two-sided 5 %.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import numpy as np
 BOOT_CHUNK = 1000  # resamples drawn at once (bounds memory at BOOT_CHUNK x items)
 
 
+Z_95, Z_80 = 1.959964, 0.841621  # two-sided 5 % and 80 % power
+
+
 @dataclass(frozen=True)
 class PairedDelta:
     n: int
@@ -29,7 +34,8 @@ class PairedDelta:
     only_ref: int  # discordant: right only in the reference
     only_cand: int
     neither: int
-    p_mcnemar: float
+    p_mcnemar: float  # exact McNemar (k = 1) / sign test over items (k > 1)
+    detectable: float = 0.0  # points: the smallest delta this n and k resolve (see detectable_drop)
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -71,13 +77,30 @@ def mcnemar_exact(only_ref: int, only_cand: int) -> float:
     return float(min(Fraction(1), 2 * tail))
 
 
+def detectable_drop(diffs: Sequence[float], k: int = 1) -> float:
+    """Points: the smallest true delta a paired test of these n items (k samples each) detects with 80 %
+    power at two-sided 5 %: (z.975 + z.80) * sd / sqrt(n), with sd the per-item differences' spread in
+    points, but never below what a run that saw no disagreement could rule out (3 / (n k) of the answers
+    differing, the rule of three). So a small run that happens to agree everywhere still reports its limit."""
+    d = 100 * np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no items")
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    floor = 100 * math.sqrt(3 / n) / k
+    return (Z_95 + Z_80) * max(sd, floor) / math.sqrt(n)
+
+
 def paired_delta(
-    ref: Sequence[bool], cand: Sequence[bool], *, n_boot: int = 10_000, seed: int = 0
+    ref: Sequence[float], cand: Sequence[float], *, n_boot: int = 10_000, seed: int = 0, k: int = 1
 ) -> PairedDelta:
-    """Accuracies, the paired delta with its bootstrap 95 % interval, the 2x2 table and McNemar's p."""
-    r, c = np.asarray(ref, dtype=bool), np.asarray(cand, dtype=bool)
+    """Accuracies, the paired delta with its bootstrap 95 % interval, the per-item table (an item is
+    "right" for a model when it scores higher than the other, "both" / "neither" on a tie at 1 / below 1),
+    the exact test's p and the detectable delta. Scores are 0/1 per item, or accuracies over k samples."""
+    r, c = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
     delta, low, high = paired_bootstrap(r, c, n_boot=n_boot, seed=seed)
-    only_ref, only_cand = int((r & ~c).sum()), int((~r & c).sum())
+    only_ref, only_cand = int((r > c).sum()), int((c > r).sum())
+    tie = r == c
     return PairedDelta(
         n=len(r),
         ref_acc=100 * float(r.mean()),
@@ -85,9 +108,10 @@ def paired_delta(
         delta=delta,
         ci_low=low,
         ci_high=high,
-        both=int((r & c).sum()),
+        both=int((tie & (r == 1)).sum()),
         only_ref=only_ref,
         only_cand=only_cand,
-        neither=int((~r & ~c).sum()),
+        neither=int((tie & (r < 1)).sum()),
         p_mcnemar=mcnemar_exact(only_ref, only_cand),
+        detectable=detectable_drop(c - r, k),
     )

@@ -24,29 +24,49 @@ def test_grade_counts_truncation_apart() -> None:
     text = "Let me think.\n</think>\n\nThe answer is \\boxed{42}."
     ok = grade(_item(), text, stopped=True, n_tokens=20)
     assert (ok.pred, ok.correct, ok.truncated) == ("42", True, False)
-    # the same text cut off by the budget is never graded, even though it holds the right answer
+    # cut off by the budget after a complete boxed answer: graded; before one: truncated, never read
     cut = grade(_item(), text, stopped=False, n_tokens=20)
+    assert (cut.pred, cut.correct, cut.truncated) == ("42", True, False)
+    cut = grade(_item(), "Let me think.\n</think>\n\nThe answer is 42 and", stopped=False, n_tokens=20)
     assert (cut.pred, cut.correct, cut.truncated) == (None, False, True)
-    # the answer after </think> wins over numbers in the reasoning
+    cut = grade(_item(), "Let me think... maybe \\boxed{42}", stopped=False, n_tokens=20)
+    assert (cut.pred, cut.truncated) == (None, True)  # still reasoning: a box there is not an answer
+    # the answer after the last </think> wins over numbers in the reasoning
     r = grade(_item(), "so 41 or 43?\n</think>\n\n\\boxed{43}", stopped=True, n_tokens=9)
     assert (r.pred, r.correct) == ("43", False)
-    # a model that stops without closing its reasoning is still read
-    r = grade(_item(), "The answer is 42.", stopped=True, n_tokens=5)
+    r = grade(_item(), "a</think>b \\boxed{41}</think>\n\\boxed{42}", stopped=True, n_tokens=9)
     assert (r.pred, r.correct) == ("42", True)
+    # a model that stops without closing its reasoning gave no answer (wrong, not truncated)
+    r = grade(_item(), "The answer is 42.", stopped=True, n_tokens=5)
+    assert (r.pred, r.correct, r.truncated) == (None, False, False)
 
 
 def test_apply_gates() -> None:
     good = {"kld_mean": 0.01, "ppl_ratio": 1.01, "same_top_pct": 95.0}
+    passing = {"verdict": "PASS", "why": "95 % CI [-0.4, +0.6] above -1"}
     kinds = {"text": good, "image": {**good, "kld_mean": 0.2}, "all": {**good, "kld_mean": 0.9}}
-    fails = apply_gates(kinds, {"drop": 0.5}, Gates())
+    fails = apply_gates(kinds, passing, Gates())
     assert fails == ["image KLD 0.2 > 0.05"]  # "all" is reported, never gated on its own
-    fails = apply_gates({"text": {**good, "ppl_ratio": 1.2, "same_top_pct": 80.0}}, {"drop": 3.0}, Gates())
+    unresolved = {"verdict": "UNRESOLVED", "why": "this run cannot resolve a 1-point drop"}
+    fails = apply_gates({"text": {**good, "ppl_ratio": 1.2, "same_top_pct": 80.0}}, unresolved, Gates())
     assert fails == [
         "text PPL ratio 1.2000 > 1.05",
         "text same top token 80.0 % < 90 %",
-        "benchmark drop 3.0 > 1 points",
+        "benchmark UNRESOLVED: this run cannot resolve a 1-point drop",
     ]
     assert apply_gates({"text": good}, None, Gates()) == []
+
+
+def test_gate_decides_on_the_interval_and_the_resolution() -> None:
+    """PASS needs the interval above -max_drop and a run able to resolve max_drop; FAIL needs it below."""
+    from r1v_quant.eval_bench import verdict
+
+    base = {"n": 400, "delta": -0.5, "ci_low": -0.9, "ci_high": 0.1, "detectable": 0.8}
+    assert verdict(base, 1.0)[0] == "PASS"
+    assert verdict({**base, "detectable": 7.6}, 1.0)[0] == "UNRESOLVED"  # identical answers, 64 items
+    assert "cannot resolve a 1-point drop" in verdict({**base, "detectable": 7.6}, 1.0)[1]
+    assert verdict({**base, "ci_low": -1.6}, 1.0)[0] == "UNRESOLVED"  # straddles
+    assert verdict({**base, "delta": -3.0, "ci_low": -4.0, "ci_high": -1.5}, 1.0)[0] == "FAIL"
 
 
 @pytest.fixture(scope="module")
@@ -85,40 +105,22 @@ def _bench_file(tmp: Path) -> Path:
 
 @pytest.mark.slow
 def test_bench_gate_exit_codes(tiny_dir: Path, broken_dir: Path, tmp_path: Path) -> None:
-    """An identical candidate passes, a broken one fails the gate (exit 1); its cut-off answers count."""
+    """An identical candidate is UNRESOLVED at 6 items and passes a gate they can resolve; a broken one
+    fails (exit 1); its cut-off answers count as truncated."""
     bench = _bench_file(tmp_path)
     responses = tmp_path / "responses.jsonl"
-    res = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            "bench",
-            "--ref",
-            str(tiny_dir),
-            "--cand",
-            str(tiny_dir),
-            "--cand",
-            str(broken_dir),
-            "--bench",
-            str(bench),
-            "--max-tokens",
-            "48",
-            "--save-responses",
-            str(responses),
-            "--json",
-        ],
-    )
+    args = ["eval", "bench", "--ref", str(tiny_dir), "--cand", str(tiny_dir), "--cand", str(broken_dir),
+            "--bench", str(bench), "--max-tokens", "48", "--greedy", "--json"]  # fmt: skip
+    res = CliRunner().invoke(main, [*args, "--save-responses", str(responses)])
     assert res.exit_code == 1, res.output
     rep = json.loads(res.output)
-    assert (
-        rep["reference"]["n"] == 6 and rep["reference"]["acc"] >= 50.0
-    )  # it answers its own kind of question
+    assert rep["reference"]["n"] == 6 and rep["decoding"]["greedy"] and not rep["bench"]["synthetic"]
     same, broken = rep["candidates"]
-    assert same["paired"]["delta"] == 0.0 and same["paired"]["p_mcnemar"] == 1.0 and same["passed"]
-    assert broken["drop"] > 1.0 and not broken["passed"] and not rep["passed"]
-    assert broken["truncated"] > 0 and broken["acc"] < rep["reference"]["acc"]
+    assert same["paired"]["delta"] == 0.0 and same["paired"]["p_mcnemar"] == 1.0
+    assert same["verdict"] == "UNRESOLVED" and "cannot resolve a 1-point drop" in same["why"]
+    assert same["paired"]["detectable"] > 1.0 and not rep["passed"]
     p = broken["paired"]
-    assert p["ci_low"] <= p["delta"] <= p["ci_high"] and p["only_ref"] >= 1
+    assert p["ci_low"] <= p["delta"] <= p["ci_high"] and not broken["passed"]
     assert set(p["per_category"]) == set(rep["reference"]["per_category"]) >= {"image"}
     lines = [json.loads(x) for x in responses.read_text().splitlines()]
     assert len(lines) == 18 and {x["artifact"] for x in lines} == {
@@ -127,7 +129,12 @@ def test_bench_gate_exit_codes(tiny_dir: Path, broken_dir: Path, tmp_path: Path)
         f"{tiny_dir.name}-2",
     }
     cut = [x for x in lines if x["truncated"]]
-    assert cut and all(x["pred"] is None and not x["correct"] and x["n_tokens"] == 48 for x in cut)
+    assert all(x["pred"] is None and not x["correct"] and x["n_tokens"] == 48 for x in cut)
+    # a gate the 6 items can resolve: the identical candidate passes, the verdicts follow the intervals
+    res = CliRunner().invoke(main, [*args[:6], "--bench", str(bench), "--max-tokens", "48", "--greedy",
+                                    "--json", "--max-drop", "95"])  # fmt: skip
+    rep = json.loads(res.output)
+    assert rep["candidates"][0]["verdict"] == "PASS" and res.exit_code == 0, res.output
 
 
 def test_bench_bad_rows_and_missing_images(tiny_dir: Path, tmp_path: Path) -> None:
@@ -140,9 +147,10 @@ def test_bench_bad_rows_and_missing_images(tiny_dir: Path, tmp_path: Path) -> No
     res = runner.invoke(main, args)
     assert res.exit_code == 2 and "bad.jsonl:2: image gone.png not found" in res.output
     res = runner.invoke(main, [*args, "--skip-bad", "--max-tokens", "48", "--json"])
-    assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
     assert rep["bench"]["items"] == 1 and rep["bench"]["skipped_bad"][0]["where"] == "bad.jsonl:2"
+    # one item resolves no drop: the gate says so and exits 1 instead of passing
+    assert res.exit_code == 1 and rep["candidates"][0]["verdict"] == "UNRESOLVED"
 
 
 def test_check_writes_report_and_gates(tiny_dir: Path, tiny_rms_dir: Path, tmp_path: Path) -> None:
@@ -250,3 +258,19 @@ def test_update_cards_writes_each_folders_rows(tiny_dir: Path, tmp_path: Path) -
     text = (gguf_dir / CARD_NAME).read_text()
     assert "| m-Q8_0.gguf |" in text and "0.00123" in text and "97.5" in text
     assert not (plain / CARD_NAME).exists()
+
+
+def test_synthetic_benchmarks_never_reach_a_model_card(tiny_dir: Path, tmp_path: Path) -> None:
+    from r1v_quant.check import card_rows
+    from r1v_quant.model_card import Card, write_card
+
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    write_card(folder, Card(kind="awq", source=tiny_dir, folder="a", summary="s", commands=["c"], details={},
+                            files={}))  # fmt: skip
+    row = {"artifact": "awq", "path": str(folder), "size_bytes": 1, "ppl_ratio": 1.0, "kld_mean": 0.01,
+           "top1_pct": 99.0, "bench_delta": -1.25, "ci_low": -3.0, "ci_high": 0.5}  # fmt: skip
+    for synthetic, cell in ((True, None), (False, "-1.2 [-3.0, +0.5] on mathvision (n 304)")):
+        bench = {"bench": {"name": "mathvision", "items": 304, "synthetic": synthetic}}
+        rows = card_rows({"rows": [row], "bench": bench})[folder]
+        assert rows[0]["bench_delta"] == cell
