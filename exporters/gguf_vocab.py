@@ -75,6 +75,15 @@ def _check_qwen2_bpe(tok: dict[str, Any], where: Path) -> None:
         )
 
 
+def pre_tokenizer_name(hf: R1VTokenizer, flavor: str) -> str:
+    """`tokenizer.ggml.pre` as llama.cpp's converter names it: by the hash of its check text's ids when the
+    vocabulary is one it knows (the real Qwen2 / DeepSeek-R1-Distill-Qwen ones), else by flavour."""
+    from r1v_quant.qwen2_vocab import llamacpp_pre_name
+
+    known = llamacpp_pre_name(lambda text: hf.backend.encode(text, add_special_tokens=True).ids)
+    return known or PRE_TOKENIZER[flavor]
+
+
 def _merges(model: dict[str, Any]) -> list[str]:
     merges = model.get("merges") or []
     out: list[str] = []
@@ -144,7 +153,7 @@ def load_vocab(
         tokens=tokens,
         token_types=token_types,
         merges=_merges(tok["model"]),
-        pre=PRE_TOKENIZER[flavor],
+        pre=pre_tokenizer_name(hf, flavor),
         bos_id=bos if bos is not None else bos_fallback,
         eos_id=eos if eos is not None else eos_fallback,
         pad_id=special_id("pad_token", hf.pad_token),

