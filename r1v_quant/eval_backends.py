@@ -93,7 +93,10 @@ def greedy(max_tokens: int) -> Decoding:
 
 
 def check_compatible(ref: Artifact, cand: Artifact, *, needs_images: bool) -> None:
-    """Refuse, with the reason, a candidate that is not the reference's architecture and tokenizer."""
+    """Refuse, with the reason, a candidate that is not the reference's architecture and tokenizer. A server
+    tells neither before it answers: it is taken as it is."""
+    if cand.backend == "openai":
+        return
     for what, a, b in (
         ("vocabulary size", ref.vocab, cand.vocab),
         ("hidden size", ref.hidden, cand.hidden),
@@ -102,8 +105,6 @@ def check_compatible(ref: Artifact, cand: Artifact, *, needs_images: bool) -> No
     ):
         if a != b:
             raise R1VError(f"{cand.path}: {what} {b} differs from the reference's {a}: not the same model")
-    if cand.backend == "openai":
-        return  # a server: nothing to compare before it answers (its flavour, tokens and files are its own)
     if needs_images and cand.backend == "llama.cpp" and cand.mmproj_gguf is None:
         raise R1VError(f"{cand.path}: no mmproj GGUF next to it; image windows and image items need one")
     ref_tok = _tokenizer(ref)

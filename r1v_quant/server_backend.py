@@ -169,10 +169,13 @@ class ServerBackend:
             reasoning = message.get("reasoning_content") or message.get("reasoning")
             if reasoning:
                 text = f"{reasoning}\n{THINK_END}\n\n{text}"
-            n = int((reply.get("usage") or {}).get("completion_tokens") or 0)
+            n = int((reply.get("usage") or {}).get("completion_tokens") or 0)  # the server's count
             finish = choice.get("finish_reason")
         except (KeyError, IndexError, TypeError, ValueError):
             raise R1VError(f"{self.url}/chat/completions: unexpected reply {str(reply)[:200]}") from None
+        # llama-cpp-python's server keeps generating past max_tokens while its text ends inside a multi-byte
+        # character, and counts those tokens: the budget is what the answer was allowed
+        n = min(n, max_tokens) if "max_tokens" in body else n
         return Generation(text, n, finish == "stop", max_tokens)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:

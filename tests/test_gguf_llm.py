@@ -27,7 +27,7 @@ from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_vocab import CONTROL, NORMAL, USER_DEFINED  # noqa: E402
 from r1v_quant.exporters.quantize import llama_quantize  # noqa: E402
 from r1v_quant.model import R1VModel  # noqa: E402
-from r1v_quant.prompts import DS_ASSISTANT, DS_BOS, DS_USER, IMG_CONTEXT, build_prompt  # noqa: E402
+from r1v_quant.prompts import CHAT_FORMATS, DS_ASSISTANT, DS_BOS, DS_USER, IMG_CONTEXT, build_prompt  # noqa: E402
 from r1v_quant.spec import load_spec  # noqa: E402
 from r1v_quant.tokenizer import R1VTokenizer  # noqa: E402
 
@@ -272,7 +272,8 @@ def test_metadata(ggufs: dict[str, Path], tiny_dir: Path) -> None:
     assert val("tokenizer.ggml.eos_token_id") == tok.token_to_id(tok.eos_token)
     assert val("tokenizer.ggml.padding_token_id") == tok.token_to_id(tok.pad_token)
     assert val("tokenizer.ggml.add_bos_token") is False
-    assert val("tokenizer.chat_template") == tok.chat_template
+    # the flavour's template in its GGUF form (typed content, libmtmd's media marker for an image part)
+    assert val("tokenizer.chat_template") == CHAT_FORMATS["r1v"].gguf_chat_template
 
 
 def test_tokenizer_parity(ggufs: dict[str, Path], tiny_dir: Path) -> None:
