@@ -28,6 +28,71 @@ def import_gguf() -> Any:
     return gguf
 
 
+# general.sampling.* keys the converter copies from generation_config.json (gguf.Metadata.load's list)
+_SAMPLING = {
+    "sampling_sequence": "sequence", "sampling_top_k": "top_k", "sampling_top_p": "top_p",
+    "sampling_min_p": "min_p", "sampling_xtc_probability": "xtc_probability",
+    "sampling_xtc_threshold": "xtc_threshold", "sampling_temp": "temperature",
+    "sampling_penalty_last_n": "penalty_last_n", "sampling_penalty_repeat": "penalty_repeat",
+    "sampling_mirostat": "mirostat", "sampling_mirostat_tau": "mirostat_tau",
+    "sampling_mirostat_eta": "mirostat_eta",
+}  # fmt: skip
+
+
+def general_metadata(model_dir: Path | str, total_params: int, fallback_name: str) -> Any:
+    """The `general.*` metadata llama.cpp's convert_hf_to_gguf.py derives for a checkpoint, with gguf-py's
+    own `gguf.Metadata` heuristics: the source's model card (name, basename, size label, license,
+    `base_model` list -> general.base_model.*, tags, languages), config.json's `_name_or_path`, the folder
+    name, generation_config.json's sampling settings, and a size label from the parameter count.
+
+    A Hub snapshot's folder is named by its commit, so there the repo id stands in for the folder name
+    (org -> organization, `Name-38B` -> basename and size label) and, as what this file was quantized from
+    (the model card's `base_model`), comes first in general.base_model.* with its Hub URL.
+    """
+    gguf = import_gguf()
+    from r1v_quant.hub import hub_source
+
+    model_dir = Path(model_dir)
+    meta_cls = gguf.Metadata
+    card = meta_cls.load_model_card(model_dir)
+    hf = meta_cls.load_hf_parameters(model_dir)
+    src = hub_source(model_dir)
+    if src is not None:
+        hf = {**hf, "_name_or_path": src.repo_id}
+    meta = meta_cls.apply_metadata_heuristic(
+        meta_cls(), card, hf, None if src is not None else model_dir, total_params
+    )
+    gen = meta_cls.load_generation_config(model_dir)
+    for attr, key in _SAMPLING.items():
+        if key in gen:
+            setattr(meta, attr, gen[key])
+    if src is not None:
+        name, org, _, _, version, _ = meta_cls.get_model_id_components(src.repo_id, total_params)
+        entry = {
+            "name": meta_cls.id_to_title(name or src.repo_id),
+            "repo_url": f"https://huggingface.co/{src.repo_id}",
+        }
+        if org:
+            entry["organization"] = meta_cls.id_to_title(org)
+        if version:
+            entry["version"] = version
+        meta.base_models = [entry, *(b for b in meta.base_models or [] if b != entry)]
+    if meta.name is None:
+        meta.name = fallback_name
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, 0, 0, 0)
+    return meta
+
+
+def add_general_metadata(
+    writer: Any, model_dir: Path | str, total_params: int, fallback_name: str, *, mmproj: bool = False
+) -> None:
+    """`general.type` (model / mmproj) and the converter's `general.*` keys (see `general_metadata`)."""
+    gguf = import_gguf()
+    writer.add_type(gguf.GGUFType.MMPROJ if mmproj else gguf.GGUFType.MODEL)
+    general_metadata(model_dir, total_params, fallback_name).set_gguf_meta_model(writer)
+
+
 class PlannedTensorInfo(Protocol):
     """What the GGUF writers need to declare a tensor before its data (gguf_llm and gguf_mmproj plans)."""
 

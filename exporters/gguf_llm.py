@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import tempfile
 import time
@@ -48,7 +49,14 @@ from .gguf_aware import (
     plan_aware,
 )
 from .gguf_common import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
-from .gguf_common import add_tensor_infos, import_gguf, quantize_rows, tensor_nbytes, write_header
+from .gguf_common import (
+    add_general_metadata,
+    add_tensor_infos,
+    import_gguf,
+    quantize_rows,
+    tensor_nbytes,
+    write_header,
+)
 from .gguf_imatrix import write_imatrix_gguf
 from .gguf_vocab import add_vocab, load_vocab
 from .quantize import (
@@ -149,9 +157,8 @@ def _convert(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
     return quantize_rows(src, t.qtype, t.shape, t.hf_name, "export BF16 instead", ROW_BLOCK_BYTES)
 
 
-def add_hparams(writer: Any, spec: ModelSpec, name: str, file_type: int) -> None:
+def add_hparams(writer: Any, spec: ModelSpec, file_type: int) -> None:
     m = spec.llm
-    writer.add_name(name)
     writer.add_context_length(m.max_position_embeddings)
     writer.add_embedding_length(m.hidden_size)
     writer.add_block_count(m.num_layers)
@@ -221,7 +228,9 @@ def write_llm_gguf(
         path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2], split_max_size=split
     )
     try:
-        add_hparams(writer, spec, name or ckpt.path.name, gguf.LlamaFileType[PYTHON_TYPES[gguf_type][1]])
+        total_params = sum(math.prod(t.shape) for t in plan)
+        add_general_metadata(writer, ckpt.path, total_params, name or ckpt.path.name)
+        add_hparams(writer, spec, gguf.LlamaFileType[PYTHON_TYPES[gguf_type][1]])
         add_rope_scaling(writer, read_config(ckpt.path).get("llm_config") or {})
         if gguf_type not in ("F32", "F16", "BF16"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -27,6 +27,7 @@ appended (the fused qkv is read once for its three parts); the file appears unde
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -45,7 +46,14 @@ from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from r1v_quant.signals import deferred_interrupt
 from r1v_quant.spec import VIT_PREFIX, ModelSpec
 
-from .gguf_common import add_tensor_infos, import_gguf, quantize_rows, tensor_nbytes, write_header
+from .gguf_common import (
+    add_general_metadata,
+    add_tensor_infos,
+    import_gguf,
+    quantize_rows,
+    tensor_nbytes,
+    write_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +161,9 @@ def plan_mmproj(
     return plan, fallback
 
 
-def add_mmproj_metadata(writer: Any, spec: ModelSpec, name: str, mmproj_type: str) -> None:
+def add_mmproj_metadata(writer: Any, spec: ModelSpec, mmproj_type: str) -> None:
     gguf = import_gguf()
     v = spec.vision
-    writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[MMPROJ_TYPES[mmproj_type]])
     if mmproj_type == "Q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -209,12 +215,19 @@ def write_mmproj(
     mmproj_type: str,
     position_fix: str,
     name: str,
+    model_dir: Path | None = None,
 ) -> None:
-    """Write the planned tensors (read through `get`) to `path` (not atomic). `position_fix`: shift|none."""
+    """Write the planned tensors (read through `get`) to `path` (not atomic). `position_fix`: shift|none.
+    `model_dir`: the source checkpoint, for the `general.*` metadata (without one: type and name only)."""
     gguf = import_gguf()
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
     try:
-        add_mmproj_metadata(writer, spec, name, mmproj_type)
+        if model_dir is None:
+            writer.add_type(gguf.GGUFType.MMPROJ)
+            writer.add_name(name)
+        else:  # the converter's general.* keys, from the source's card and folder
+            add_general_metadata(writer, model_dir, sum(math.prod(t.shape) for t in plan), name, mmproj=True)
+        add_mmproj_metadata(writer, spec, mmproj_type)
         # Which row order the position table is stored in (llama.cpp ignores unknown keys).
         writer.add_string(POSITION_KEY, position_fix)
         # InternVL tiling settings llama.cpp has no keys for; r1v-quant's runtime tiles by them.
@@ -296,8 +309,9 @@ def export_mmproj_gguf(
     target = out_path if staging is None else Path(staging) / out_path.name
     with atomic_file(target) as tmp:
         write_mmproj(
-            tmp, spec, ckpt.get, plan, mmproj_type=mmproj_type, position_fix=fix, name=model_name(ckpt.path)
-        )
+            tmp, spec, ckpt.get, plan, mmproj_type=mmproj_type, position_fix=fix, name=model_name(ckpt.path),
+            model_dir=ckpt.path,
+        )  # fmt: skip
         _default_mode(tmp)
     report: dict[str, Any] = {
         "path": str(out_path),

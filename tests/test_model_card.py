@@ -137,7 +137,12 @@ def test_gguf_folder_card_collects_runs_and_keeps_quality(offline: Path, tmp_pat
     assert r.exit_code == 0, r.output
     assert (out / "Tiny-R1V-F16.gguf").is_file()  # named after the repo, not the snapshot's commit
     reader = gguf.GGUFReader(out / "Tiny-R1V-F16.gguf")
-    assert reader.get_field("general.name").contents() == "Tiny-R1V"
+    general = {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
+    # llama.cpp's converter heuristics on the repo id (the snapshot folder is only a commit hash)
+    assert general["general.name"] == "Tiny R1V"
+    assert general["general.type"] == "model" and general["general.license"] == "mit"
+    assert general["general.base_model.0.repo_url"] == f"https://huggingface.co/{REPO}"
+    assert general["general.base_model.0.organization"] == "Skyworkish"
     meta, body = split_card((out / CARD_NAME).read_text())
     _front_common(meta, "gguf")
     assert "F16" in meta["tags"] and "llama.cpp" in meta["tags"]
