@@ -41,6 +41,7 @@ case "${1:-}" in
     shift
     echo "==> ruff"
     "$VENV/bin/ruff" check .
+    "$VENV/bin/python" -c "import torch; print('==> torch', torch.__version__, 'CPU capability', torch.backends.cpu.get_cpu_capability(), 'threads', torch.get_num_threads())"
     echo "==> pytest (all tests, slow ones included)"
     "$VENV/bin/python" -m pytest -q "$@"
     ;;

@@ -1,7 +1,8 @@
 """Benchmark items for `eval bench`: multiple-choice and free-answer questions, with or without images.
 
-builtin:tiny      generated colour/shape questions about rendered pictures plus small arithmetic (synthdata),
-                  the tasks the tiny replica was trained on, so it scores well above chance
+builtin:tiny      SYNTHETIC: generated questions about rendered pictures (colour, shape, position, count,
+                  which is larger, a bar chart's value) plus small reasoning problems, the tasks the tiny
+                  replica was trained on, so it scores well above chance
 FILE.jsonl        one item per line; the shapes of MATH-Vision (question, options, answer letter, image,
                   subject), PuzzleVQA (image, question, options, answer = an option, category), GSM8K
                   (question, answer ending in "#### N"), MATH-500 / AIME (problem, answer, subject), or the
@@ -136,23 +137,22 @@ def _stratified(items: list[BenchItem], limit: int, rng: random.Random) -> list[
 
 
 def builtin_set(name: str) -> BenchSet:
-    from r1v_quant.synthdata import image_problems, render_shape, text_problems
+    from r1v_quant.synthdata import image_problems, text_problems
 
     n_text, n_image = BUILTIN[name]
     items = [
-        BenchItem(f"text-{k}", p.question, p.answer, "numeric", p.kind, where=f"{name}:text:{k}")
+        BenchItem(f"text-{k}", p.question, p.answer, p.grading, p.kind, where=f"{name}:text:{k}")
         for k, p in enumerate(text_problems(n_text, BENCH_SEED))
     ]
     for k, p in enumerate(image_problems(n_image, BENCH_SEED + 1)):
-        category = "color" if "color" in p.question else "shape"
         items.append(
             BenchItem(
                 f"image-{k}",
                 f"<image>\n{p.question}",
                 p.answer,
-                "text",
-                category,
-                images=[render_shape(p.color, p.shape)],
+                "numeric" if p.answer.isdigit() else "text",
+                p.task,
+                images=[p.render()],
                 where=f"{name}:image:{k}",
             )
         )

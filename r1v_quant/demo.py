@@ -127,7 +127,7 @@ class Demo:
         return [
             Step(
                 "tiny",
-                "build the tiny replica (trained ~1 minute)",
+                "build the tiny replica (trained to a verified skill)",
                 self.tiny,
                 ("r1v-tiny",),
                 line=_tiny_line,
@@ -249,7 +249,7 @@ class Demo:
             ref,
             cands,
             WindowSpec("heldout", None, ctx=1024, n_text=4, n_image=4),
-            load_bench("builtin:tiny", limit=16, seed=self.seed),
+            load_bench("builtin:tiny", seed=self.seed),
             Gates(),
             max_tokens=128,
             seed=self.seed,
@@ -259,7 +259,7 @@ class Demo:
         )
         write_report(report, self.out / "check")
         keep = ("artifact", "quant", "size_bytes", "kld_mean", "ppl_ratio", "top1_pct", "bench_acc",
-                "bench_delta", "passed", "failures")  # fmt: skip
+                "bench_delta", "ci_low", "ci_high", "passed", "failures")  # fmt: skip
         return {"passed": report["passed"], "reference": {k: report["reference"].get(k) for k in keep},
                 "rows": [{k: r.get(k) for k in keep} for r in report["rows"]]}  # fmt: skip
 
@@ -280,6 +280,7 @@ class Demo:
         return runs
 
     def ask(self) -> dict[str, Any]:
+        """The blue circle to every engine (16-bit, AWQ, GGUF), the photo to the 16-bit model and the GGUF."""
         from r1v_quant.chat_backends import ChatSession, LlamaCppLM, MmprojVision
         from r1v_quant.generate import answer
         from r1v_quant.llamacpp_runtime import LlamaCppRuntime
@@ -288,24 +289,39 @@ class Demo:
         with atomic_dir(self.out / "images") as tmp:
             render_shape("blue", "circle").save(tmp / "blue-circle.png")
             photo = _bundled_photo(tmp)
-        shape = self.out / "images" / "blue-circle.png"
+        images = self.out / "images"
+        questions = [(images / "blue-circle.png", COLOR_Q, "blue")]
+        if photo:
+            questions.append((images / photo.name, PHOTO_Q, None))
+        gates = {
+            r["artifact"]: r["passed"]
+            for r in self.records.get("check", {}).get("result", {}).get("rows", [])
+        }
         answers = []
-        click.echo(f"    Q: <image> {COLOR_Q}   (a rendered blue circle)", err=True)
-        ref = answer(self.model, COLOR_Q, [shape], max_new_tokens=64)
-        answers.append({"engine": "torch 16-bit", "image": shape.name, "question": COLOR_Q, **_brief(ref)})
-        click.echo(f"    torch 16-bit:        {ref['answer']}", err=True)
+
+        def record(engine: str, artifact: str | None, image: Path, q: str, want: str | None, r: dict) -> None:
+            shown = r["answer"] or repr(r["text"][-60:])
+            click.echo(f"    {engine:<20} {image.name}: {shown}", err=True)
+            answers.append({"engine": engine, "image": image.name, "question": q, "expected": want,
+                            "correct": None if want is None else want in r["answer"],
+                            "gate_passed": gates.get(artifact) if artifact else None, **r})  # fmt: skip
+
         rt = LlamaCppRuntime(self.gguf, self.mmproj, n_ctx=4096, n_threads=self.threads)
         lm = LlamaCppLM(rt)
         try:
-            questions = [(shape, COLOR_Q)] + ([(photo, PHOTO_Q)] if photo else [])
-            for image, q in questions:
-                session = ChatSession(lm, MmprojVision(rt), max_new_tokens=64)
-                reply = session.ask(q, [self.out / "images" / image.name])
-                engine = f"llama.cpp {GGUF_TYPE}"
-                click.echo(f"    {engine} ({image.name}): {reply.answer or repr(reply.text)}", err=True)
-                answers.append({"engine": engine, "image": image.name, "question": q, "answer": reply.answer,
-                                "thinking": reply.thinking, "tokens": len(reply.tokens),
-                                "tiles": session.images[0].tiles, "timings": reply.timings})  # fmt: skip
+            for image, q, want in questions:
+                click.echo(f"    Q: <image> {q}   ({image.name})", err=True)
+                r = answer(self.model, q, [image], max_new_tokens=96)
+                record("torch 16-bit", None, image, q, want, _brief(r))
+                if want is not None:  # the photo has no right answer to compare quantized engines on
+                    r = answer(self.awq, q, [image], max_new_tokens=96)
+                    record("torch AWQ int4", self.awq.name, image, q, want, _brief(r))
+                session = ChatSession(lm, MmprojVision(rt), max_new_tokens=96)
+                reply = session.ask(q, [image])
+                r = {"answer": reply.answer, "thinking": reply.thinking, "text": reply.text,
+                     "tokens": len(reply.tokens), "stopped": reply.stopped, "tiles": session.images[0].tiles,
+                     "timings": reply.timings}  # fmt: skip
+                record(f"llama.cpp {GGUF_TYPE}", self.gguf_dir.name, image, q, want, r)
         finally:
             lm.close()
         return {"answers": answers, "photo": "skimage.data.coffee()" if photo else None}
@@ -323,7 +339,13 @@ class Demo:
 
 # -- one-line results for the summary table ---------------------------------------------------------------
 def _tiny_line(r: dict[str, Any]) -> str:
-    return f"final training loss {_num(r.get('loss_last'))}, vocab {r.get('vocab')}"
+    h = r.get("heldout") or {}
+    skill = (
+        f"held-out image {h['image']:.0%}, text {h['text']:.0%} after {r['steps_trained']} steps; "
+        if h
+        else ""
+    )
+    return f"{skill}final training loss {_num(r.get('loss_last'))}, vocab {r.get('vocab')}"
 
 
 def _inspect_line(r: dict[str, Any]) -> str:
@@ -387,8 +409,9 @@ def _bundled_photo(folder: Path) -> Path | None:
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
-    return {"answer": r["answer"], "thinking": r["thinking"], "tokens": len(r["tokens"]),
-            "tiles": r["image_tiles"], "timings": {"generate_s": r["generate_seconds"]}}  # fmt: skip
+    return {"answer": r["answer"], "thinking": r["thinking"], "text": r["text"], "tokens": len(r["tokens"]),
+            "stopped": r["stopped"], "tiles": r["image_tiles"],
+            "timings": {"generate_s": r["generate_seconds"]}}  # fmt: skip
 
 
 def _plots(demo: Demo, folder: Path) -> list[tuple[str, str]]:
@@ -439,16 +462,26 @@ def _plots(demo: Demo, folder: Path) -> list[tuple[str, str]]:
 
 
 def _markdown(demo: Demo, plots: list[tuple[str, str]], total_seconds: float) -> str:
+    tiny = demo.records.get("tiny", {}).get("result") or {}
+    held = tiny.get("heldout") or {}
     lines = [
         "# r1v-quant demo report",
         "",
-        "The whole pipeline on the built-in tiny replica (a 4.6 M-parameter model with the real Skywork-R1V "
-        "layout, trained for a minute on generated problems and coloured shapes). Its numbers show the "
-        "pipeline working, not the quality of a 38 B model.",
+        "The whole pipeline on the built-in tiny replica (a 4.8 M-parameter model with the real Skywork-R1V "
+        "layout: vision tower, mlp1 and language model trained together on generated problems and pictures "
+        "until held-out accuracy passed a threshold). Its numbers show the pipeline working, not the quality "
+        "of a 38 B model.",
         "",
-        "| step | status | seconds | result |",
-        "|---|---|---:|---|",
     ]
+    if held:
+        tasks = ", ".join(f"{k} {v:.0%}" for k, v in held.get("per_task", {}).items())
+        lines += [
+            f"Replica skills measured when it was built ({tiny.get('steps_trained')} training steps, on "
+            f"{tiny.get('cpu_capability')} kernels): held-out image questions {held['image']:.0%} ({tasks}), "
+            f"text problems {held['text']:.0%}; every probe picture answered right.",
+            "",
+        ]
+    lines += ["| step | status | seconds | result |", "|---|---|---:|---|"]
     for rec in demo.records.values():
         lines.append(
             f"| {rec['title']} | {rec['status']} | {rec['seconds']} | {rec['line'].replace('|', '/')} |"
@@ -459,7 +492,12 @@ def _markdown(demo: Demo, plots: list[tuple[str, str]], total_seconds: float) ->
         lines += [
             "## Quality gates",
             "",
-            "| artifact | quant | MiB | KLD | PPL ratio | same top token % | bench % | Δ points | gates |",
+            "Benchmark: the SYNTHETIC built-in set (`builtin:tiny`, 64 items of the replica's own kinds), "
+            "not a published benchmark. Δ is the candidate's accuracy minus the 16-bit model's on the same "
+            "items, with its paired bootstrap 95 % interval.",
+            "",
+            "| artifact | quant | MiB | KLD | PPL ratio | same top token % | bench % | Δ points [95 % CI] "
+            "| gates |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in [check["reference"], *check["rows"]]:
@@ -468,8 +506,11 @@ def _markdown(demo: Demo, plots: list[tuple[str, str]], total_seconds: float) ->
             else:
                 gate = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
             size = f"{(r['size_bytes'] or 0) / 1024**2:.1f}"
-            nums = [_num(r[k]) for k in ("kld_mean", "ppl_ratio", "top1_pct", "bench_acc", "bench_delta")]
-            cells = [r["artifact"], r["quant"], size, *nums, gate]
+            nums = [_num(r[k]) for k in ("kld_mean", "ppl_ratio", "top1_pct", "bench_acc")]
+            delta = "-"
+            if r.get("bench_delta") is not None:
+                delta = f"{r['bench_delta']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+            cells = [r["artifact"], r["quant"], size, *nums, delta, gate]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Full measurements: `check/report.md`.", ""]
     ask = demo.records.get("ask", {}).get("result")
@@ -477,22 +518,46 @@ def _markdown(demo: Demo, plots: list[tuple[str, str]], total_seconds: float) ->
         lines += [
             "## Answers",
             "",
-            "| engine | image | question | answer | tokens |",
-            "|---|---|---|---|---:|",
+            "| engine | its gate | image | question | answer | right | tokens |",
+            "|---|---|---|---|---|---|---:|",
         ]
         for a in ask["answers"]:
-            lines.append(f"| {a['engine']} | {a['image']} | {a['question']} | {_shown(a)} | {a['tokens']} |")
+            gate = {None: "-", True: "pass", False: "FAIL"}[a.get("gate_passed")]
+            right = {None: "-", True: "yes", False: "NO"}[a.get("correct")]
+            lines.append(
+                f"| {a['engine']} | {gate} | {a['image']} | {a['question']} | {_shown(a)} | {right} | "
+                f"{a['tokens']} |"
+            )
         if ask.get("photo"):
-            lines += [
-                "",
-                f"The photo is {ask['photo']} (bundled with scikit-image). The replica only ever learned "
-                "coloured shapes, so its answer about a real photo shows the photo path working (InternVL "
-                "tiling, mmproj, llama.cpp), not understanding.",
-            ]
+            photo = [a for a in ask["answers"] if a["image"] == "coffee.png"]
+            lines += ["", _photo_note(ask["photo"], photo)]
         lines.append("")
     for name, caption in plots:
         lines += [f"![{caption}]({name})", "", caption, ""]
     return "\n".join(lines)
+
+
+def _photo_note(source: str, answers: list[dict[str, Any]]) -> str:
+    """What the replica made of a real photo, and whether a reply that never finished is generation's fault
+    (the engines would then disagree or stop early) or the model's (both engines write the same text)."""
+    note = (
+        f"The photo is {source} (bundled with scikit-image, 600x400: 3x2 tiles + thumbnail). The replica "
+        "only ever learned generated shapes and problems, so its answer about a real photo shows the photo "
+        "path working (InternVL tiling, mmproj, llama.cpp), not understanding."
+    )
+    unfinished = [a for a in answers if not a.get("stopped")]
+    if unfinished:
+        same = len({a["text"][:200] for a in answers}) == 1
+        note += (
+            f" {len(unfinished)} engine(s) did not finish within the token budget. "
+            + (
+                "The 16-bit torch model and the GGUF wrote the same text, so this is the model's own output "
+                "on an input unlike anything it was trained on, not a generation bug (stop tokens, template)."
+                if same
+                else "The engines' texts differ: see steps/ask.json."
+            )  # fmt: skip
+        )
+    return note
 
 
 def _num(x: Any) -> str:

@@ -17,7 +17,7 @@ from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import expand_image_placeholders, preprocess_for_spec
 from r1v_quant.prompts import build_prompt
 from r1v_quant.spec import ModelSpec
-from r1v_quant.synthdata import image_problems, render_shape, text_problems
+from r1v_quant.synthdata import image_problems, text_problems
 from r1v_quant.tokenizer import R1VTokenizer
 
 HELDOUT_SEED = 90_001
@@ -57,7 +57,7 @@ def heldout_windows(
     for p in text_problems(n_text, seed):
         out.append(window("text", p.question, p.response(), None, []))
     for p in image_problems(n_image, seed + 1):
-        picture = render_shape(p.color, p.shape)
+        picture = p.render()
         pre = preprocess_for_spec(picture, spec)
         out.append(
             window(

@@ -13,6 +13,7 @@ quantized linear now sees outlier input channels (REFERENCE §6 explains why thi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -22,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from r1v_quant.atomic import atomic_dir
 from r1v_quant.checkpoint import ShardedWriter
 from r1v_quant.errors import R1VError
 from r1v_quant.model import R1VModel
 from r1v_quant.spec import FLAVORS, TokenIds, parse_config
-from r1v_quant.synthdata import COLORS, SHAPES, image_problems, render_shape, text_problems
+from r1v_quant.synthdata import image_problems, text_problems
+from r1v_quant.tiny_train import Encoder, Skills, train_to_skill
 
 VIT_VARIANTS = ("rms", "layernorm")
 OUTLIER_SCALE = 50.0
@@ -42,7 +43,8 @@ class TinyOptions:
     flavor: str = "r1v"
     vit: str = "layernorm"
     seed: int = 0
-    steps: int = 300
+    steps: int = 3000  # the step cap; 0 = untrained (random weights, for layout and parity tests)
+    min_accuracy: float = 0.9  # held-out image and text accuracy to reach; 0 = train exactly `steps`
     vocab_size: int = 2048
     llm_layers: int = 4
     outliers: bool = True
@@ -164,14 +166,34 @@ def _corpus(seed: int) -> list[str]:
     from r1v_quant.tiny_tokenizer import tiny_corpus_extra
 
     texts = [f"{p.question}\n{p.response()}" for p in text_problems(3000, seed + 1)]
-    texts += [f"{p.question}\n{p.response()}" for p in image_problems(200, seed + 2)]
+    texts += [f"{p.question}\n{p.response()}" for p in image_problems(600, seed + 2)]
     return texts + tiny_corpus_extra()
+
+
+def _grid_positions(grid: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position codes (grid*grid, dim), as MAE initialises ViTs: every patch starts out
+    knowing its row and column, so spatial questions are learnable in a short run."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    freqs = torch.exp(-math.log(100.0) * torch.arange(dim // 4) / (dim // 4))
+    x, y = xs.flatten()[:, None] * freqs, ys.flatten()[:, None] * freqs
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
 
 
 def _init_weights(model: R1VModel, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith(("ls1", "ls2")):
+        if name.endswith("position_embedding"):
+            with torch.no_grad():
+                p.normal_(0.0, 0.02, generator=g)
+                v = model.spec.vision
+                p[0, 1:] += 2.0 * _grid_positions(v.grid, v.hidden_size)
+        elif name.endswith("patch_embedding.weight"):
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                for c in range(3):  # the first three features start as the patch's mean R, G and B
+                    p[c].zero_()
+                    p[c, c] = 3.0 / p[c, c].numel()
+        elif name.endswith(("ls1", "ls2")):
             torch.nn.init.constant_(p, 0.1)  # InternViT initializer_factor
         elif "norm" in name or name.startswith("mlp1.0"):
             torch.nn.init.constant_(p, 0.0 if name.endswith("bias") else 1.0)
@@ -180,125 +202,6 @@ def _init_weights(model: R1VModel, seed: int) -> None:
         else:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-
-
-class _Batches:
-    """Token batches of text and image problems in the flavour's own chat template."""
-
-    def __init__(self, model_dir: Path, flavor: str, seed: int, n_image_ids: int):
-        from r1v_quant.preprocess import image_placeholder
-        from r1v_quant.prompts import CHAT_FORMATS, build_prompt
-        from r1v_quant.tokenizer import R1VTokenizer
-
-        self.tok = R1VTokenizer.from_dir(model_dir)
-        stop = CHAT_FORMATS[flavor].stop_tokens[0]
-        self.pad = self.tok.token_to_id(stop)
-
-        def sample(question: str, response: str) -> list[int]:
-            prompt = build_prompt(flavor, [{"role": "user", "content": question}])
-            return self.tok.encode(prompt + response + stop)
-
-        self.text = [sample(p.question, p.response()) for p in text_problems(4000, seed + 10)]
-        self.images = []
-        keys = [(c, s) for c in COLORS for s in SHAPES]
-        placeholder = image_placeholder(1, n_image_ids)
-        for p in image_problems(600, seed + 11):
-            ids = sample(f"<image>\n{p.question}".replace("<image>", placeholder), p.response())
-            self.images.append((ids, keys.index((p.color, p.shape))))
-        self.rng = random.Random(seed)
-
-    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = True
-        return ids, mask
-
-    def text_batch(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._pad(self.rng.sample(self.text, bs))
-
-    def image_batch(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        picks = self.rng.sample(self.images, bs)
-        ids, mask = self._pad([p[0] for p in picks])
-        return ids, mask, [p[1] for p in picks]
-
-
-def _vision_features(model: R1VModel) -> torch.Tensor:
-    """Pixel-shuffled ViT features (before mlp1) of every colour x shape picture (the ViT is frozen)."""
-    from r1v_quant.preprocess import preprocess_image
-    from r1v_quant.vision import pixel_shuffle
-
-    spec = model.spec
-    pix = torch.cat([preprocess_image(render_shape(c, s)).pixel_values for c in COLORS for s in SHAPES])
-    with torch.no_grad():
-        x = model.vision_model(pix)[:, 1:, :]
-        n, t, c = x.shape
-        side = int(t**0.5)
-        x = pixel_shuffle(x.reshape(n, side, side, c), spec.downsample_ratio, spec.ps_version)
-    return x.reshape(n, -1, x.shape[-1])
-
-
-def train(
-    model: R1VModel,
-    batches: _Batches,
-    steps: int,
-    seed: int,
-    progress: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    torch.manual_seed(seed)
-    # same seed -> same bytes: CPU kernels that accumulate in parallel (embedding backward) otherwise vary
-    torch.use_deterministic_algorithms(True)
-    try:
-        return _train(model, batches, steps, progress)
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-def _train(
-    model: R1VModel, batches: _Batches, steps: int, progress: Callable[[int, float], None] | None
-) -> list[float]:
-    feats = _vision_features(model)
-    for p in model.vision_model.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # the projector learns faster so that image answers emerge within a short run
-    groups = [
-        {"params": list(model.language_model.parameters()), "lr": 3e-3},
-        {"params": list(model.mlp1.parameters()), "lr": 1e-2},
-    ]
-    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    lm, ctx = model.language_model, model.spec.tokens.img_context
-    losses = []
-    for step in range(steps):
-        if step % IMAGE_EVERY == IMAGE_EVERY - 1:
-            ids, mask, which = batches.image_batch(4)
-            emb = lm.model.embed_tokens(ids)
-            img = model.mlp1(feats[which]).reshape(-1, emb.shape[-1])
-            sel = ids == ctx
-            emb = emb.masked_scatter(sel[..., None], img.to(emb.dtype))
-            mask = mask & ~sel  # no loss on predicting image placeholders
-        else:
-            ids, mask = batches.text_batch(8)
-            emb = lm.model.embed_tokens(ids)
-        logits = lm.logits(lm.forward_embeds(emb))
-        target_mask = mask[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1][target_mask], ids[:, 1:][target_mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress(step, losses[-1])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return losses
 
 
 @torch.no_grad()
@@ -311,6 +214,22 @@ def add_outlier_channels(model: R1VModel, channels: list[int], scale: float = OU
         layer.post_attention_layernorm.weight[channels] *= scale
         for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
             lin.weight[:, channels] /= scale
+
+
+def as_saved(model: R1VModel, channels: list[int]) -> R1VModel:
+    """A copy of `model` as `build_tiny` writes it: outlier channels added, weights rounded to bf16."""
+    out = copy.deepcopy(model)
+    if channels:
+        add_outlier_channels(out, channels)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return out
+
+
+def skills_line(s: Skills) -> str:
+    probes = f"; probe questions failed: {', '.join(s.probes_failed)}" if s.probes_failed else ""
+    return f"held-out image {s.image:.0%}, text {s.text:.0%}{probes}"
 
 
 def build_tiny(
@@ -342,10 +261,26 @@ def build_tiny(
         spec = parse_config(cfg, flavor=opts.flavor, tokens=tokens)
         model = R1VModel(spec)
         _init_weights(model, opts.seed)
-        batches = _Batches(tmp, opts.flavor, opts.seed, spec.num_image_token)
-        losses = train(model, batches, opts.steps, opts.seed, progress) if opts.steps else []
         g = random.Random(opts.seed)
         channels = sorted(g.sample(range(spec.llm.hidden_size), NUM_OUTLIERS)) if opts.outliers else []
+        result = None
+        if opts.steps:
+            enc = Encoder(tmp, opts.flavor, spec.num_image_token)
+            result = train_to_skill(
+                model,
+                enc,
+                max_steps=opts.steps,
+                min_accuracy=opts.min_accuracy,
+                seed=opts.seed,
+                progress=progress,
+                as_saved=lambda m: as_saved(m, channels),
+            )
+            if not result.reached:
+                raise R1VError(
+                    f"training stopped at the {opts.steps}-step cap below --min-accuracy "
+                    f"{opts.min_accuracy:.0%}: {skills_line(result.skills)}"
+                )
+        losses = result.losses if result else []
         if channels:
             add_outlier_channels(model, channels)
 
@@ -373,7 +308,14 @@ def build_tiny(
             "vocab": len(tok),
             "outlier_channels": channels,
             "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-10:]) / 10 if losses else None,
+            "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "steps_trained": result.steps if result else 0,
+            "min_accuracy": opts.min_accuracy if opts.steps else None,
+            "heldout": result.skills.as_dict() if result else None,
+            "history": result.history if result else [],
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "tiny_build.json").write_text(json.dumps(report, indent=2) + "\n")

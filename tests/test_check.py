@@ -77,19 +77,19 @@ def broken_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def _bench_file(tmp: Path) -> Path:
     """Colour questions about PNG files plus arithmetic, as a JSONL benchmark with image paths."""
-    from r1v_quant.synthdata import image_problems, render_shape, text_problems
+    from r1v_quant.synthdata import image_problems, text_problems
 
     (tmp / "img").mkdir()
     rows = []
     for k, p in enumerate(image_problems(4, 321)):  # 4 pictures + 2 arithmetic questions
-        render_shape(p.color, p.shape).save(tmp / "img" / f"{k}.png")
+        p.render().save(tmp / "img" / f"{k}.png")
         rows.append(
             {
                 "id": f"i{k}",
                 "question": p.question,
                 "answer": p.answer,
                 "image": f"img/{k}.png",
-                "kind": "text",
+                "kind": "numeric" if p.answer.isdigit() else "text",
                 "category": "image",
                 "instruction": "",
             }

@@ -87,10 +87,20 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path: Path) -> None:
     for key in STEPS:
         assert (out / "steps" / f"{key}.json").is_file()
 
+    tiny = steps["tiny"]["result"]
+    assert tiny["heldout"]["image"] >= 0.9 and tiny["heldout"]["text"] >= 0.9 and not tiny["heldout"]["probes_failed"]
     ask = steps["ask"]["result"]["answers"]
-    assert [a["engine"] for a in ask] == ["torch 16-bit", "llama.cpp Q4_K_M", "llama.cpp Q4_K_M"]
-    assert "blue" in ask[0]["answer"]  # the 16-bit replica names the colour of the rendered circle
-    assert ask[2]["image"] == "coffee.png" and ask[2]["tiles"] == 7  # 600x400 photo: 3x2 tiles + thumbnail
+    engines = ["torch 16-bit", "torch AWQ int4", "llama.cpp Q4_K_M", "torch 16-bit", "llama.cpp Q4_K_M"]
+    assert [a["engine"] for a in ask] == engines
+    blue = [a for a in ask if a["image"] == "blue-circle.png"]
+    assert blue[0]["correct"]  # the 16-bit replica names the colour (its build verified this picture)
+    # every engine whose artifact passed its quality gate answers it right too
+    assert all(a["correct"] for a in blue if a["gate_passed"]), blue
+    photo = [a for a in ask if a["image"] == "coffee.png"]
+    assert [a["tiles"] for a in photo] == [7, 7]  # 600x400 photo: 3x2 tiles + thumbnail
+    check = steps["check"]["result"]
+    assert check["reference"]["bench_acc"] >= 80.0  # the 16-bit model on the built-in benchmark
+    assert all(r["ci_low"] <= r["bench_delta"] <= r["ci_high"] for r in check["rows"])
     assert steps["awq"]["result"]["loss_sum"] < steps["awq"]["result"]["loss_rtn_sum"]
     assert len(steps["check"]["result"]["rows"]) == 2
     assert (out / "check" / "report.md").is_file() and (out / "profile.json").is_file()
@@ -100,6 +110,7 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path: Path) -> None:
     for key in STEPS:
         assert f"| {steps[key]['title']} | done |" in md
     assert "## Quality gates" in md and "## Answers" in md and "skimage.data.coffee()" in md
+    assert "SYNTHETIC" in md and "held-out image questions" in md
     for plot in ("quality_vs_size.png", "awq_layers.png", "sizes.png"):
         assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in md
 

@@ -1,0 +1,92 @@
+"""Does the tiny replica learn the same skills whatever float kernels the CPU runs?
+
+Builds the replica (`r1v-quant tiny`, trained to a verified held-out accuracy) once per CPU-kernel
+variant and thread count, each in a fresh process, and prints every build's held-out accuracies, the
+steps it needed and its build time. The variants:
+
+    ATEN_CPU_CAPABILITY=default|avx2|avx512   torch's own vectorized kernels (softmax, attention, GELU, ...)
+    ONEDNN_MAX_CPU_ISA=AVX2 (with avx2)       oneDNN's kernels (it changes GELU's bits on an AVX-512 CPU)
+    MKL_ENABLE_INSTRUCTIONS=AVX2 (with avx2)  MKL's GEMM path (set for completeness: on AMD CPUs MKL
+                                              already runs its AVX2 path, so matmul bits do not change)
+    1 and 2 threads                           parallel reductions change their order
+
+A variant the CPU cannot run (avx512 on an AVX2-only CPU) is skipped. Every build must clear the
+threshold; the bench exits 1 if one does not. Results: bench/results/replica_cpu_variants.json.
+
+    .venv/bin/python bench/replica_cpu_variants.py [--threads 1,2] [--caps default,avx2,avx512] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import write_result  # noqa: E402
+
+ISA_ENV = {
+    "default": {"ATEN_CPU_CAPABILITY": "default"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
+}
+
+
+def _build(out: Path, cap: str, threads: int, seed: int) -> dict:
+    env = {**os.environ, **ISA_ENV[cap], "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    exe = Path(sys.executable).with_name("r1v-quant")
+    cmd = [str(exe), "tiny", str(out), "--seed", str(seed), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"cap": cap, "threads": threads, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
+    report = json.loads(proc.stdout)
+    return {
+        "cap": cap,
+        "threads": threads,
+        "ok": True,
+        "torch_capability": report["cpu_capability"],
+        "steps": report["steps_trained"],
+        "heldout": report["heldout"],
+        "wall_s": round(wall, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--caps", default="default,avx2,avx512")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import torch
+
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="replica-cpu-") as tmp:
+        for cap in args.caps.split(","):
+            if cap == "avx512" and native != "avx512":
+                print(f"{cap}: skipped (this CPU runs {native})", flush=True)
+                continue
+            for threads in map(int, args.threads.split(",")):
+                row = _build(Path(tmp) / f"{cap}-{threads}", cap, threads, args.seed)
+                rows.append(row)
+                if row["ok"]:
+                    h = row["heldout"]
+                    print(f"{cap:8s} {threads} thread(s): image {h['image']:.0%}  text {h['text']:.0%}  "
+                          f"steps {row['steps']}  {row['wall_s']:.0f} s", flush=True)  # fmt: skip
+                else:
+                    print(f"{cap:8s} {threads} thread(s): FAILED {row['error']}", flush=True)
+    path = write_result("replica_cpu_variants", {"seed": args.seed, "builds": rows})
+    print(f"wrote {path}")
+    if not all(r["ok"] for r in rows):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

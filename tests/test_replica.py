@@ -1,0 +1,95 @@
+"""The tiny replica is trained to a verified skill: what the build measures, what it refuses, and that the
+prompts it trains and measures on are the prompts inference builds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from r1v_quant.cli import main
+from r1v_quant.errors import R1VError
+from r1v_quant.synthdata import COLORS, SHAPES, image_problems, probe_problems, render_shape, text_problems
+
+
+def test_generated_problems_are_deterministic_and_answerable() -> None:
+    a, b = image_problems(12, 5), image_problems(12, 5)
+    assert [(p.question, p.answer, p.response()) for p in a] == [(p.question, p.answer, p.response()) for p in b]
+    assert [p.task for p in a[:3]] == ["color", "shape", "larger"]
+    for p in a:
+        assert p.answer in p.scene.description and p.response().endswith(f"\\boxed{{{p.answer}}}.")
+        assert p.render().size == (448, 448)
+    # every text problem's reasoning ends in its answer
+    for p in text_problems(50, 3):
+        assert p.answer in p.thinking.splitlines()[-1]
+    probes = probe_problems()
+    assert len(probes) == 2 * len(COLORS) * len(SHAPES)
+    assert list(probes[0].render().getdata()) == list(render_shape(probes[0].scene.items[0].color,
+                                                                   probes[0].scene.items[0].shape).getdata())
+
+
+def test_larger_answer_is_the_bigger_shape_whichever_is_named_first() -> None:
+    pairs = [p for p in image_problems(60, 11) if p.task == "larger"]
+    assert {p.question.split("the ")[1].split(" ")[0] == p.answer for p in pairs} == {True, False}
+    for p in pairs:
+        big, small = p.scene.items
+        assert (big.box[2] - big.box[0]) > 1.5 * (small.box[2] - small.box[0]) and p.answer == big.color
+
+
+def test_training_prompts_are_the_inference_prompts(tiny_rms_dir: Path) -> None:
+    """The build's held-out check reads answers from the very token ids `generate` and chat build."""
+    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.model import build_inputs
+    from r1v_quant.tiny_train import Encoder
+
+    spec = open_checkpoint(tiny_rms_dir).spec
+    enc = Encoder(tiny_rms_dir, spec.flavor, spec.num_image_token)
+    p = probe_problems()[0]
+    seq = enc.encode(p.question, p.response(), 0)
+    ids, pixels, _ = build_inputs(tiny_rms_dir, spec, p.question, [p.render()])
+    assert ids[0].tolist() == seq.ids[: seq.loss_from] and pixels is not None and pixels.shape[0] == 1
+    t = text_problems(1, 0)[0]
+    seq = enc.encode(t.question, t.response())
+    ids, _, _ = build_inputs(tiny_rms_dir, spec, t.question)
+    assert ids[0].tolist() == seq.ids[: seq.loss_from]
+
+
+def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
+    report = json.loads((tiny_dir / "tiny_build.json").read_text())
+    held = report["heldout"]
+    assert held["image"] >= report["min_accuracy"] and held["text"] >= report["min_accuracy"]
+    assert held["probes_failed"] == [] and set(held["per_task"]) == {"color", "shape", "larger"}
+    assert report["steps_trained"] <= report["steps"] and report["history"][-1]["step"] == report["steps_trained"]
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability() or report["cpu_capability"]
+
+
+def test_a_build_that_misses_its_threshold_is_refused(tmp_path: Path) -> None:
+    from r1v_quant.tiny import TinyOptions, build_tiny
+
+    with pytest.raises(R1VError, match="below --min-accuracy 90%"):
+        build_tiny(tmp_path / "x", TinyOptions(steps=2, min_accuracy=0.9))
+    assert not (tmp_path / "x").exists()  # nothing is left under the final name
+    r = CliRunner().invoke(main, ["tiny", str(tmp_path / "y"), "--steps", "2"])
+    assert r.exit_code != 0 and r.stderr.startswith("error: training stopped at the 2-step cap")
+    assert "Traceback" not in r.output and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_replica_answers_with_margin_on_unseen_pictures(tiny_dir: Path) -> None:
+    """Skill, not one answer: on 24 new pictures (a seed neither training nor the build's check used) the
+    16-bit replica answers at least 21 right (the build's threshold is 90 %)."""
+    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.model import R1VModel, build_inputs
+    from r1v_quant.tokenizer import R1VTokenizer
+
+    ckpt = open_checkpoint(tiny_dir)
+    model, tok = R1VModel.from_checkpoint(ckpt), R1VTokenizer.from_dir(tiny_dir)
+    right = 0
+    for p in image_problems(24, 424_242):
+        ids, pixels, _ = build_inputs(tiny_dir, ckpt.spec, p.question, [p.render()])
+        out = model.generate(ids, pixels, max_new_tokens=48, stop_ids=tok.stop_ids(ckpt.spec.flavor))
+        right += f"\\boxed{{{p.answer}}}" in tok.decode(out.tokens)
+    assert right >= 21
