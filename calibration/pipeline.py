@@ -170,6 +170,9 @@ def _calibrate(
             ):
                 assert cap.stats is not None
                 tensors.update(cap.stats.tensors())
+            # the loop variable keeps the last LayerCapture, and with it that decoder layer (1.95 GB at
+            # 38B), alive beside the sensitivity pass's own layer: release it (measured at full width)
+            cap = None
             t_capture = time.perf_counter()
             store.drop("inputs")  # the last layer's outputs: not needed by the sensitivity pass
             # measured here once, so `gguf --modality-weights auto` weighs modalities as `awq` does
