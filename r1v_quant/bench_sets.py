@@ -1,8 +1,8 @@
 """Benchmark items for `eval bench`: multiple-choice and free-answer questions, with or without images.
 
-builtin:tiny      SYNTHETIC: generated questions about rendered pictures (colour, shape, position, count,
-                  which is larger, a bar chart's value) plus small reasoning problems, the tasks the tiny
-                  replica was trained on, so it scores well above chance
+builtin:tiny      SYNTHETIC: generated questions about rendered pictures (colour, shape, which of two shapes
+                  is larger) plus small reasoning problems, the tasks the tiny replica was trained on, so it
+                  scores well above chance
 FILE.jsonl        one item per line; the shapes of MATH-Vision (question, options, answer letter, image,
                   subject), PuzzleVQA (image, question, options, answer = an option, category), GSM8K
                   (question, answer ending in "#### N"), MATH-500 / AIME (problem, answer, subject), or the

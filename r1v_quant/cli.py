@@ -91,7 +91,21 @@ def main() -> None:
     help="rms: InternViT-6B style (RMSNorm, q/k-norm); layernorm: InternViT-300M style.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=300, show_default=True, help="Training steps (0: untrained).")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0),
+    default=3000,
+    show_default=True,
+    help="Step cap (0: untrained, random weights).",
+)
+@click.option(
+    "--min-accuracy",
+    type=click.FloatRange(0, 1),
+    default=0.9,
+    show_default=True,
+    help="Held-out image and text accuracy to train to (0: train exactly --steps); the build is refused if "
+    "the step cap comes first.",
+)
 @click.option("--layers", "llm_layers", type=int, default=4, show_default=True, help="Decoder layers.")
 @click.option("--no-outliers", is_flag=True, help="Skip the function-preserving outlier channels.")
 @click.option(
@@ -109,12 +123,13 @@ def tiny(
     vit: str,
     seed: int,
     steps: int,
+    min_accuracy: float,
     llm_layers: int,
     no_outliers: bool,
     vocab: str,
     as_json: bool,
 ) -> None:
-    """Build the tiny Skywork-R1V replica (trained briefly on generated data) into OUT."""
+    """Build the tiny Skywork-R1V replica into OUT, trained until its held-out accuracy passes a threshold."""
     import dataclasses
 
     from tqdm import tqdm
@@ -125,7 +140,13 @@ def tiny(
 
     check_output_dir(out)
     options: dict[str, Any] = dict(
-        flavor=flavor, vit=vit, seed=seed, steps=steps, llm_layers=llm_layers, outliers=not no_outliers
+        flavor=flavor,
+        vit=vit,
+        seed=seed,
+        steps=steps,
+        min_accuracy=min_accuracy,
+        llm_layers=llm_layers,
+        outliers=not no_outliers,
     )
     # build_tiny writes the qwen2 vocabulary itself where TinyOptions has a `vocab` field; otherwise the
     # untrained replica gets it afterwards (install_qwen2_vocab), which would undo any training

@@ -32,6 +32,7 @@ CALIB_SEQ_LEN = 1024
 GGUF_TYPE = "Q4_K_M"
 MMPROJ_TYPE = "F16"
 COLOR_Q = "What color is the shape in the image?"
+DEMO_MAX_DROP = 10.0  # benchmark gate in points (see Demo.check)
 PHOTO_Q = "What is in this photo?"
 INSTALL = {"llama_cpp": "gguf", "gguf": "gguf", "skimage": "calib", "matplotlib": "calib"}
 
@@ -238,6 +239,7 @@ class Demo:
         from r1v_quant.artifact import resolve_artifact, resolve_reference
         from r1v_quant.bench_sets import load_bench
         from r1v_quant.check import Gates, run_check, write_report
+        from r1v_quant.decoding import resolve_decoding
         from r1v_quant.eval_backends import RuntimeOptions, check_compatible
         from r1v_quant.eval_ppl import WindowSpec
 
@@ -245,17 +247,20 @@ class Demo:
         cands = [resolve_artifact(self.awq), resolve_artifact(self.gguf_dir)]
         for c in cands:
             check_compatible(ref, c, needs_images=True)
+        # 64 synthetic items resolve about an 8-point drop at best (one item is 1.6 points): the demo gates
+        # on 10 points so its verdict is PASS or FAIL rather than UNRESOLVED; releases gate on real sets
         report = run_check(
             ref,
             cands,
             WindowSpec("heldout", None, ctx=1024, n_text=4, n_image=4),
             load_bench("builtin:tiny", seed=self.seed),
-            Gates(),
+            Gates(max_drop=DEMO_MAX_DROP),
             max_tokens=128,
             seed=self.seed,
             runtime=RuntimeOptions(n_threads=self.threads, torch_device="cpu"),  # same numbers on any machine
             progress=True,
             command="r1v-quant demo",
+            decoding=resolve_decoding(self.model, None, greedy=True, seed=self.seed, max_tokens=128),
         )
         write_report(report, self.out / "check")
         keep = ("artifact", "quant", "size_bytes", "kld_mean", "ppl_ratio", "top1_pct", "bench_acc",
@@ -493,8 +498,9 @@ def _markdown(demo: Demo, plots: list[tuple[str, str]], total_seconds: float) ->
             "## Quality gates",
             "",
             "Benchmark: the SYNTHETIC built-in set (`builtin:tiny`, 64 items of the replica's own kinds), "
-            "not a published benchmark. Δ is the candidate's accuracy minus the 16-bit model's on the same "
-            "items, with its paired bootstrap 95 % interval.",
+            "not a published benchmark, decoded greedily. Δ is the candidate's accuracy minus the 16-bit "
+            "model's on the same items, with its paired bootstrap 95 % interval; the benchmark gate asks the "
+            f"whole interval to stay above -{DEMO_MAX_DROP:g} points (64 items cannot resolve less).",
             "",
             "| artifact | quant | MiB | KLD | PPL ratio | same top token % | bench % | Δ points [95 % CI] "
             "| gates |",

@@ -162,9 +162,9 @@ def _single(r: random.Random) -> Scene:
     """One shape near the middle, about half the frame wide: what the colour and shape questions ask about.
     The size varies little, so a square, a circle and a triangle also differ in how much they cover (one
     of the cues a small vision tower learns within minutes)."""
-    color, shape, size = r.choice(list(COLORS)), r.choice(SHAPES), r.randint(212, 236)
+    color, shape, size = r.choice(list(COLORS)), r.choice(SHAPES), r.randint(216, 232)
     mid = (448 - size) // 2
-    x, y = mid + r.randint(-32, 32), mid + r.randint(-32, 32)
+    x, y = mid + r.randint(-12, 12), mid + r.randint(-12, 12)
     item = Item(color, shape, (x, y, x + size, y + size))
     return Scene("single", (item,), f"The image shows a {color} {shape}.")
 
@@ -191,7 +191,7 @@ def _questions(scene: Scene, r: random.Random) -> list[tuple[str, str, str]]:
 
 
 SCENE_MAKERS = {"single": _single, "pair": _pair}
-SCENE_WEIGHTS = {"single": 3, "pair": 1}
+SCENE_WEIGHTS = {"single": 4, "pair": 1}
 TASK_SCENE = {"color": "single", "shape": "single", "larger": "pair"}
 
 

@@ -14,6 +14,7 @@ same questions correctly on every machine.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable
@@ -50,6 +51,7 @@ WARMUP = 30
 MAX_NEW = 96  # held-out answers are far shorter; a model that rambles past this is wrong
 FULL = False
 AUX_WEIGHT = 1.0
+EMA_DECAY = 0.98
 
 
 @dataclass
@@ -308,6 +310,9 @@ def _train(
     )
     rng = random.Random(seed)
     model.train()
+    # the weights measured and written are an exponential moving average of the trained ones: single
+    # steps on a few fresh examples move a small model's answers around, the average holds still
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     losses: list[float] = []
     history: list[dict] = []
     skills, reached, step = Skills(0.0, 0.0, {}), False, 0
@@ -327,18 +332,23 @@ def _train(
             pixels = None
         logits, target, scored, feats = _forward(model, seqs, pixels, enc.pad)
         loss = F.cross_entropy(logits[scored], target[scored])
+        total = loss
         if feats is not None and AUX_WEIGHT:
-            loss = loss + AUX_WEIGHT * probe.loss(feats, [p.scene for p in picked])
+            total = loss + AUX_WEIGHT * probe.loss(feats, [p.scene for p in picked])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        with torch.no_grad():
+            decay = min(EMA_DECAY, step / (step + 10))
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
         losses.append(float(loss.detach()))
         if progress:
             progress(step, losses[-1])
         if (step > TEXT_FIRST and step % eval_every == 0) or step == max_steps:
-            skills = held.measure(as_saved(model))  # the weights as written: outliers, bf16
+            skills = held.measure(as_saved(ema))  # the weights as written: averaged, outliers, bf16
             recent = losses[-eval_every:]
             history.append({"step": step, "loss": round(sum(recent) / len(recent), 4), **skills.as_dict()})
             if min_accuracy > 0 and skills.reached(min_accuracy):
@@ -347,5 +357,7 @@ def _train(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if step:
+        model.load_state_dict(ema.state_dict())
     reached = reached or min_accuracy <= 0
     return TrainResult(step if max_steps else 0, losses, skills, history, reached)

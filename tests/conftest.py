@@ -19,7 +19,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # Modules whose code decides the replica's bytes.
 _REPLICA_SOURCES = [
     "tiny.py", "tiny_tokenizer.py", "synthdata.py", "llm.py", "vision.py", "model.py", "spec.py",
-    "checkpoint.py", "prompts.py", "preprocess.py", "tokenizer.py", "atomic.py", "norms.py",
+    "tiny_train.py", "checkpoint.py", "prompts.py", "preprocess.py", "tokenizer.py", "atomic.py", "norms.py",
 ]  # fmt: skip
 
 

@@ -88,7 +88,11 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path: Path) -> None:
         assert (out / "steps" / f"{key}.json").is_file()
 
     tiny = steps["tiny"]["result"]
-    assert tiny["heldout"]["image"] >= 0.9 and tiny["heldout"]["text"] >= 0.9 and not tiny["heldout"]["probes_failed"]
+    assert (
+        tiny["heldout"]["image"] >= 0.9
+        and tiny["heldout"]["text"] >= 0.9
+        and not tiny["heldout"]["probes_failed"]
+    )
     ask = steps["ask"]["result"]["answers"]
     engines = ["torch 16-bit", "torch AWQ int4", "llama.cpp Q4_K_M", "torch 16-bit", "llama.cpp Q4_K_M"]
     assert [a["engine"] for a in ask] == engines

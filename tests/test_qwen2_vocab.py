@@ -5,6 +5,7 @@ llama.cpp exactly like `tokenizers` does (1 MB of mixed text, every added token,
 from __future__ import annotations
 
 import ctypes
+import json
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -122,8 +123,6 @@ EXPECTED = {
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_added_tokens_sit_at_their_real_ids(tok_dirs: dict[str, Path], flavor: str) -> None:
-    import json
-
     want = EXPECTED[flavor]
     tok = R1VTokenizer.from_dir(tok_dirs[flavor])
     assert len(tok) == want["len"]
@@ -310,3 +309,46 @@ def test_padded_vocab_rows_are_unused_pads(exported: dict[str, tuple[Path, Path]
         assert lcpp.meta("tokenizer.ggml.eos_token_id") == "151643"
     finally:
         lcpp.close()
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_real_vocab_replica_through_the_pipeline(tmp_path: Path, flavor: str) -> None:
+    """tiny --vocab qwen2 -> calibrate -> awq -> gguf (Q4_K_M + imatrix, mmproj) -> chat on llama.cpp and on
+    the AWQ checkpoint, with llama.cpp's prompt ids equal to the reference's for an image question."""
+    pytest.importorskip("gguf")
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from r1v_quant.cli import main
+    from r1v_quant.llamacpp_runtime import LlamaCppRuntime, find_gguf_pair
+    from r1v_quant.model import build_inputs
+    from r1v_quant.spec import load_spec
+
+    def run(*args: str) -> str:
+        r = CliRunner().invoke(main, list(args))
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    model, cal, awq, out = (tmp_path / n for n in ("tiny", "cal", "awq", "gguf"))
+    image = tmp_path / "blue.png"
+    Image.new("RGB", (600, 448), (20, 40, 220)).save(image)  # several tiles + thumbnail
+    run("tiny", str(model), "--flavor", flavor, "--vocab", "qwen2", "--steps", "0", "--json")
+    assert len(R1VTokenizer.from_dir(model)) == EXPECTED[flavor]["len"]
+    small = ("--samples", "4", "--seq-len", "512", "--json")
+    run("calibrate", str(model), "--set", "default", "--out", str(cal), *small)
+    run("awq", str(model), "--out", str(awq), *small)
+    run("gguf", str(model), "--out", str(out), "--type", "Q4_K_M", "--calib", str(cal), "--json")
+
+    question = "What colour is this? 颜色 🙂 </s> $x^2$"
+    spec = load_spec(model)
+    want, _, _ = build_inputs(model, spec, question, [image])
+    llm, mmproj = find_gguf_pair(out)
+    with LlamaCppRuntime(llm, mmproj, n_ctx=2048, n_threads=2) as rt:
+        ids, embeds = rt.prompt([{"role": "user", "content": question}], [image])
+    assert ids == want[0].tolist()
+    assert embeds is not None and len(embeds) == ids.count(spec.tokens.img_context) > 256
+    for args in (("--gguf", str(out)), ("--model", str(awq))):
+        reply = run("chat", *args, "--image", str(image), "-p", question, "--max-new-tokens", "3", "--json")
+        assert json.loads(reply)["prompt_tokens"] == len(want[0])

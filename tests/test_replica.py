@@ -17,7 +17,9 @@ from r1v_quant.synthdata import COLORS, SHAPES, image_problems, probe_problems, 
 
 def test_generated_problems_are_deterministic_and_answerable() -> None:
     a, b = image_problems(12, 5), image_problems(12, 5)
-    assert [(p.question, p.answer, p.response()) for p in a] == [(p.question, p.answer, p.response()) for p in b]
+    assert [(p.question, p.answer, p.response()) for p in a] == [
+        (p.question, p.answer, p.response()) for p in b
+    ]
     assert [p.task for p in a[:3]] == ["color", "shape", "larger"]
     for p in a:
         assert p.answer in p.scene.description and p.response().endswith(f"\\boxed{{{p.answer}}}.")
@@ -27,8 +29,9 @@ def test_generated_problems_are_deterministic_and_answerable() -> None:
         assert p.answer in p.thinking.splitlines()[-1]
     probes = probe_problems()
     assert len(probes) == 2 * len(COLORS) * len(SHAPES)
-    assert list(probes[0].render().getdata()) == list(render_shape(probes[0].scene.items[0].color,
-                                                                   probes[0].scene.items[0].shape).getdata())
+    assert list(probes[0].render().getdata()) == list(
+        render_shape(probes[0].scene.items[0].color, probes[0].scene.items[0].shape).getdata()
+    )
 
 
 def test_larger_answer_is_the_bigger_shape_whichever_is_named_first() -> None:
@@ -62,7 +65,10 @@ def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
     held = report["heldout"]
     assert held["image"] >= report["min_accuracy"] and held["text"] >= report["min_accuracy"]
     assert held["probes_failed"] == [] and set(held["per_task"]) == {"color", "shape", "larger"}
-    assert report["steps_trained"] <= report["steps"] and report["history"][-1]["step"] == report["steps_trained"]
+    assert (
+        report["steps_trained"] <= report["steps"]
+        and report["history"][-1]["step"] == report["steps_trained"]
+    )
     assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability() or report["cpu_capability"]
 
 
