@@ -19,12 +19,15 @@ threshold; the bench exits 1 if one does not. Results: bench/results/replica_cpu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,10 +55,20 @@ def _build(out: Path, cap: str, threads: int, seed: int) -> dict:
         "threads": threads,
         "ok": True,
         "torch_capability": report["cpu_capability"],
+        "torch_threads": report["threads"],
         "steps": report["steps_trained"],
         "heldout": report["heldout"],
         "wall_s": round(wall, 1),
+        "weights_sha256": _weights_hash(out),
     }
+
+
+def _weights_hash(model: Path) -> str:
+    """One hash over every weight shard: equal only if the two builds wrote the same bytes."""
+    h = hashlib.sha256()
+    for f in sorted(model.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def main() -> None:
@@ -63,26 +76,51 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--caps", default="default,avx2,avx512")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="builds run at once (2 on a 2-core machine runs two 1-thread builds side by side; their wall "
+        "times then count a shared machine)",
+    )
     args = ap.parse_args()
     import torch
 
     native = torch.backends.cpu.get_cpu_capability().lower()
-    rows = []
+    jobs = []
+    for cap in args.caps.split(","):
+        if cap == "avx512" and native != "avx512":
+            print(f"{cap}: skipped (this CPU runs {native})", flush=True)
+            continue
+        jobs += [(cap, threads) for threads in map(int, args.threads.split(","))]
+
+    def show(row: dict) -> None:
+        cap, threads = row["cap"], row["threads"]
+        if row["ok"]:
+            h = row["heldout"]
+            print(f"{cap:8s} {threads} thread(s): image {h['image']:.0%}  text {h['text']:.0%}  "
+                  f"steps {row['steps']}  {row['wall_s']:.0f} s  weights {row['weights_sha256']}",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"{cap:8s} {threads} thread(s): FAILED {row['error']}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="replica-cpu-") as tmp:
-        for cap in args.caps.split(","):
-            if cap == "avx512" and native != "avx512":
-                print(f"{cap}: skipped (this CPU runs {native})", flush=True)
-                continue
-            for threads in map(int, args.threads.split(",")):
-                row = _build(Path(tmp) / f"{cap}-{threads}", cap, threads, args.seed)
-                rows.append(row)
-                if row["ok"]:
-                    h = row["heldout"]
-                    print(f"{cap:8s} {threads} thread(s): image {h['image']:.0%}  text {h['text']:.0%}  "
-                          f"steps {row['steps']}  {row['wall_s']:.0f} s", flush=True)  # fmt: skip
-                else:
-                    print(f"{cap:8s} {threads} thread(s): FAILED {row['error']}", flush=True)
-    path = write_result("replica_cpu_variants", {"seed": args.seed, "builds": rows})
+
+        def one(job: tuple[str, int]) -> dict:
+            row = _build(Path(tmp) / f"{job[0]}-{job[1]}", job[0], job[1], args.seed)
+            row["parallel"] = args.parallel
+            show(row)
+            shutil.rmtree(Path(tmp) / f"{job[0]}-{job[1]}", ignore_errors=True)
+            return row
+
+        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+            rows = list(pool.map(one, jobs))
+    distinct = len({r["weights_sha256"] for r in rows if r["ok"]})
+    print(f"{distinct} distinct weight files from {len(rows)} builds")
+    path = write_result(
+        "replica_cpu_variants",
+        {"seed": args.seed, "native_capability": native, "distinct_weights": distinct, "builds": rows},
+    )
     print(f"wrote {path}")
     if not all(r["ok"] for r in rows):
         raise SystemExit(1)

@@ -97,11 +97,11 @@ def check_compatible(ref: Artifact, cand: Artifact, *, needs_images: bool) -> No
     tells neither before it answers: it is taken as it is."""
     if cand.backend == "openai":
         return
-    for what, a, b in (
+    for what, a, b in (  # the flavour first: another release's checkpoint differs in all of these
+        ("flavour (chat template)", ref.flavor, cand.flavor),
         ("vocabulary size", ref.vocab, cand.vocab),
         ("hidden size", ref.hidden, cand.hidden),
         ("layer count", ref.layers, cand.layers),
-        ("flavour (chat template)", ref.flavor, cand.flavor),
     ):
         if a != b:
             raise R1VError(f"{cand.path}: {what} {b} differs from the reference's {a}: not the same model")

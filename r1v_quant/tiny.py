@@ -228,7 +228,9 @@ def as_saved(model: R1VModel, channels: list[int]) -> R1VModel:
 
 
 def skills_line(s: Skills) -> str:
-    probes = f"; probe questions failed: {', '.join(s.probes_failed)}" if s.probes_failed else ""
+    failed = s.probes_failed
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    probes = f"; probe questions failed: {', '.join(failed[:3])}{more}" if failed else ""
     return f"held-out image {s.image:.0%}, text {s.text:.0%}{probes}"
 
 

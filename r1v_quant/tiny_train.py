@@ -2,10 +2,11 @@
 accuracy on image questions and text problems reaches a threshold (or a step cap is hit).
 
 Every batch is freshly generated (no example is seen twice), so the held-out sets measure skill, not
-memory. Held-out accuracy is *greedy-exact*: an item counts when, fed the gold response, the model's
-argmax at every response position is the gold token, which is exactly "greedy decoding writes the gold
-reasoning and answer". It is a lower bound on answer accuracy (a different but correct reasoning counts
-as wrong) and needs one batched forward pass instead of token-by-token decoding.
+memory. Held-out accuracy is measured the way the model is used: greedy decoding from the prompt (items
+with prompts of equal length decoded together, one KV cache), the answer after the last `</think>` graded
+like `eval bench` grades it, on the weights exactly as they are written (averaged, outlier channels
+constructed, rounded to bf16). On top of the held-out sets, the probe pictures (each colour x shape,
+centred, the picture the demo and the tests ask about) must all be named correctly, colour and shape.
 
 Which float kernels a CPU uses (AVX2 vs AVX-512, thread count) changes the trained bytes; training to a
 measured skill with margin, rather than for a fixed number of steps, is what makes the replica answer the

@@ -23,6 +23,7 @@ from r1v_quant.awq import (
     _layer_error,
     _quantize_clipped,
     _search_clip,
+    apply_quantized,
     language_vision_sensitivity,
     layer_features,
     loss_tokens,
@@ -281,8 +282,13 @@ def test_fast_search_matches_full_search(tiny_dir: Path) -> None:
         ws = token_weights(cap.modality, cfg.modality_weights)
         losses[name] = _layer_error(layer, inputs, targets, loss_tokens(cap.modality, ws, 0), rope)
         assert res.report["loss"] < res.report["loss_rtn"]
+    rtn = copy.deepcopy(cap.layer)
+    apply_quantized(rtn, rtn_layer(rtn, cfg))
+    losses["rtn"] = _layer_error(rtn, inputs, targets, loss_tokens(cap.modality, ws, 0), rope)
     store.close()
-    assert losses["fast"] <= losses["full"] * 1.05
+    # the fast search keeps most of what the full one gains over plain rounding (at these deliberately
+    # small settings, 4 x 320 tokens, 512 loss tokens: 90 % on the trained replica's first layer)
+    assert losses["rtn"] - losses["fast"] >= 0.75 * (losses["rtn"] - losses["full"]) > 0
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ redone together with the steps that read it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from r1v_quant.demo import Demo, Step
+from r1v_quant.tiny import TinyOptions
 
 STEPS = ["tiny", "inspect", "calibrate", "awq", "gguf", "check", "profile", "ask"]
 
@@ -74,16 +76,30 @@ def _demo(out: Path) -> tuple[dict, float]:
     return json.loads(r.stdout), time.perf_counter() - t0
 
 
+def _seed_replica(out: Path, tiny_dir: Path) -> None:
+    """The demo's first step builds the default replica, the very one the session fixture built (same
+    options and seed, same bytes on this machine): hand it over with the record the step writes, so the
+    suite trains the replica once. The step's own running is what `test_steps_are_reused_redone_or_skipped`
+    and `tests/test_replica.py` cover."""
+    shutil.copytree(tiny_dir, out / "r1v-tiny")
+    report = json.loads((tiny_dir / "tiny_build.json").read_text())
+    assert TinyOptions() == TinyOptions(**{k: report[k] for k in ("flavor", "vit", "seed", "steps")})
+    record = {"status": "done", "seconds": report["seconds"], "seed": 0, "result": report}
+    (out / "steps").mkdir(parents=True)
+    (out / "steps" / "tiny.json").write_text(json.dumps(record))
+
+
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_demo_runs_every_step_then_reuses_them(tmp_path: Path) -> None:
+def test_demo_runs_every_step_then_reuses_them(tmp_path: Path, tiny_dir: Path) -> None:
     for module in ("gguf", "llama_cpp", "skimage", "matplotlib"):
         pytest.importorskip(module)
     out = tmp_path / "demo"
+    _seed_replica(out, tiny_dir)
     first, _ = _demo(out)
     steps = first["steps"]
     assert list(steps) == STEPS
-    assert {k: s["status"] for k, s in steps.items()} == dict.fromkeys(STEPS, "done")
+    assert {k: s["status"] for k, s in steps.items()} == {**dict.fromkeys(STEPS, "done"), "tiny": "reused"}
     for key in STEPS:
         assert (out / "steps" / f"{key}.json").is_file()
 
@@ -112,7 +128,7 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path: Path) -> None:
     report = out / "report"
     md = (report / "report.md").read_text()
     for key in STEPS:
-        assert f"| {steps[key]['title']} | done |" in md
+        assert f"| {steps[key]['title']} | {steps[key]['status']} |" in md
     assert "## Quality gates" in md and "## Answers" in md and "skimage.data.coffee()" in md
     assert "SYNTHETIC" in md and "held-out image questions" in md
     for plot in ("quality_vs_size.png", "awq_layers.png", "sizes.png"):

@@ -143,7 +143,12 @@ def test_quantized_runs_as_its_weights_say(
     assert (got.argmax(-1) == torch_logits.argmax(-1)).mean() >= 0.5
     # ... but with the file's own weights and that rounding emulated, torch and llama.cpp agree.
     want = gguf_weight_logits(tiny_dir, ggufs[gguf_type], prompt_ids, act_block)
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.97
+    # top-1 is compared where the emulation's choice is clear: a near-tie (a trained model is unsure at
+    # some prompt positions) flips with float rounding, which differs between CPUs
+    top2 = np.sort(want, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.25
+    assert clear.mean() >= 0.6
+    assert (got.argmax(-1) == want.argmax(-1))[clear].mean() >= 0.97
     assert np.abs(got - want).max() < 0.08 * np.abs(want).max()
 
 

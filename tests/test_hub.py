@@ -297,7 +297,7 @@ def noisy_repo(hf_home: Path, tiny_dir: Path, tmp_path_factory: pytest.TempPathF
     """A second cached repo: the replica with noise on lm_head (a stand-in for a quantized release)."""
     from eval_helpers import perturbed_copy
 
-    src = perturbed_copy(tiny_dir, tmp_path_factory.mktemp("noisy") / "noisy", noise=0.05)
+    src = perturbed_copy(tiny_dir, tmp_path_factory.mktemp("noisy") / "noisy", noise=0.5)
     add_snapshot(hf_home / "hub", NOISY, src, "d" * 40, refs=("main",))
     return NOISY
 
