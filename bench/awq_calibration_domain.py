@@ -4,10 +4,11 @@ on a text corpus) versus r1v-quant's multimodal long chain-of-thought set, side 
 Every variant quantizes the same 16-bit checkpoint with the same search, sample count and length; only the
 calibration set differs. Each is scored by per-token KL divergence against the 16-bit model on held-out
 windows (r1v_quant.evalset): text problems with worked reasoning, and answers to questions about pictures.
-Round-to-nearest is the floor every AWQ variant should beat. The text corpus is WikiText-2 validation from
-../shared/data (never copied into the repository); pass --text-calib to use another plain-text file.
+Round-to-nearest is the floor every AWQ variant should beat. The text corpus is a plain-text
+file (--text-calib; the published results used WikiText-2's validation split as raw text, not shipped
+with r1v-quant).
 
-    python bench/awq_calibration_domain.py [--model DIR] [--samples 16] [--seq-len 1024] [--seeds 0 1]
+    python bench/awq_calibration_domain.py --text-calib FILE [--model DIR] [--samples 16] [--seq-len 1024]
 """
 
 from __future__ import annotations
@@ -19,22 +20,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from replica_scoring import KINDS, kld_by_kind, model_or_tiny, reference
+from results_io import write_result
 
 from r1v_quant.calibration import prepare
 from r1v_quant.evalset import window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
 from r1v_quant.model import R1VModel
 
-WIKITEXT = (
-    Path(__file__).resolve().parents[2]
-    / "shared/data/wikitext2/raw_validation/megatron_wikitext2_validation_stripped.txt"
-)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="16-bit checkpoint (default: the tiny replica)")
-    ap.add_argument("--text-calib", type=Path, default=WIKITEXT, help="plain-text calibration corpus")
+    ap.add_argument("--text-calib", type=Path, required=True, help="plain-text calibration corpus")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="calibration subsample seeds")
@@ -48,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.text_calib.is_file():
         raise SystemExit(
-            f"{args.text_calib}: not found (../shared/data is absent here; pass --text-calib FILE)"
+            f"{args.text_calib}: not found (pass a plain-text file, e.g. WikiText-2's validation text)"
         )
     sources = {
         "multimodal CoT (default)": "default",
@@ -112,6 +109,21 @@ def main() -> None:
         f"\nplain-text calibration / multimodal CoT calibration: KLD x{tx['text'] / mm['text']:.2f} on text "
         f"answers, x{tx['image'] / mm['image']:.2f} on image answers"
     )
+    path = write_result(
+        "awq_calibration_domain",
+        {
+            "model": str(args.model) if args.model else "tiny replica (built by the bench)",
+            "text_calib": args.text_calib.name,
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seeds": args.seeds,
+            "rtn": rtn,
+            "runs": rows,
+            "means": means,
+            "text_over_multimodal": {k: tx[k] / mm[k] for k in KINDS},
+        },
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from replica_scoring import kld_by_kind, model_or_tiny, reference
+from results_io import write_result
 
 from r1v_quant.checkpoint import open_checkpoint
 from r1v_quant.evalset import window_logits
@@ -236,6 +237,22 @@ def main() -> None:
         )
         print("  ours wall/cpu s: " + ", ".join(f"{c.wall:.1f}/{c.cpu:.1f}" for c in ours_t))
         print("  AutoAWQ wall/cpu s: " + ", ".join(f"{c.wall:.1f}/{c.cpu:.1f}" for c in peer_t))
+    path = write_result(
+        "awq_quality",
+        {
+            "model": str(args.model) if args.model else "tiny replica (built by the bench)",
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seeds": args.seeds,
+            "rows": {
+                name: {"wall_s": round(c.wall, 2), "cpu_s": round(c.cpu, 2), **sc}
+                for name, (c, sc) in rows.items()
+            },
+            "independent_check": check,
+            "default_vs_rtn_mean_kld": round(both, 4),
+        },
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from replica_scoring import KINDS, kld_by_kind, model_or_tiny, reference
+from results_io import write_result
 
 from r1v_quant.calibration.pipeline import calibrate
 from r1v_quant.evalset import Window
@@ -112,6 +113,20 @@ def main() -> None:
             f"{s['image']['kld_mean']:>11.2e}{s['image']['kld_p99']:>9.4f}{s['image']['same_top_pct']:>10.1f}"
             f"{ratios}"
         )
+    path = write_result(
+        "gguf_quality",
+        {
+            "model": str(args.model) if args.model else "tiny replica (built by the bench)",
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+            "rows": [
+                {"type": t, "variant": v, "seconds": round(secs, 2), "bytes": nbytes, **s}
+                for (t, v), (secs, nbytes, s) in rows.items()
+            ],
+        },
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

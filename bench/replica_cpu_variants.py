@@ -14,6 +14,7 @@ A variant the CPU cannot run (avx512 on an AVX2-only CPU) is skipped. Every buil
 threshold; the bench exits 1 if one does not. Results: bench/results/replica_cpu_variants.json.
 
     .venv/bin/python bench/replica_cpu_variants.py [--threads 1,2] [--caps default,avx2,avx512] [--seed 0]
+                                                  [--parallel N] [--keep]
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def _weights_hash(model: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _previous(seed: int) -> list[dict]:
+    from results_io import RESULTS, machine
+
+    try:
+        doc = json.loads((RESULTS / "replica_cpu_variants.json").read_text())
+    except (OSError, ValueError):
+        return []
+    here = machine()
+    same = all(doc["machine"].get(k) == here[k] for k in ("cpu", "torch", "torch_cpu_capability"))
+    return doc["builds"] if same and doc.get("seed") == seed else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
@@ -82,6 +95,12 @@ def main() -> None:
         default=1,
         help="builds run at once (2 on a 2-core machine runs two 1-thread builds side by side; their wall "
         "times then count a shared machine)",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the builds of the last run on this machine (same CPU, torch and seed) that this run does "
+        "not repeat: a long bench can be run in parts",
     )
     args = ap.parse_args()
     import torch
@@ -115,6 +134,9 @@ def main() -> None:
 
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
             rows = list(pool.map(one, jobs))
+    if args.keep:  # builds of earlier runs on this machine that this run did not repeat
+        done = {(r["cap"], r["threads"]) for r in rows}
+        rows = [r for r in _previous(args.seed) if (r["cap"], r["threads"]) not in done] + rows
     distinct = len({r["weights_sha256"] for r in rows if r["ok"]})
     print(f"{distinct} distinct weight files from {len(rows)} builds")
     path = write_result(

@@ -18,8 +18,9 @@ Then search per-group clipping ranges for every linear but q/k, all shrink candi
 exactly through the Gram matrices; quantize; and keep plain round-to-nearest for the whole layer if the
 searched layer's output error is not lower than plain rounding's.
 
-Duo scaling alone can be catastrophic when outlier activations meet small weight columns (REFERENCE §6),
-which is why both families compete and s = 1 is always a candidate.
+Duo scaling alone can be catastrophic when outlier activations meet small weight columns (the scale
+that helps the outlier channel starves the others), which is why both families compete and s = 1 is
+always a candidate.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""config.json of the three real 38B releases, from their published dimensions (REFERENCE §1, §5).
+"""config.json of the three real 38B releases, from their published dimensions.
 
 Used by the planner (`--preset`) and to test that every size computation comes out right at 38B
 without the weights. `write_layout` writes config.json + a safetensors index naming every tensor.

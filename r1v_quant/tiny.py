@@ -3,12 +3,14 @@
 Widths are small (ViT 128, LLM 256) but chosen so that AWQ's 128-groups and llama.cpp's 256-blocks divide
 every linear input, the LLM uses GQA (4 query heads on 2 KV heads) and a tile is still 448 px -> 256 tokens.
 
-The weights behave like a trained model because they are one: the LLM and mlp1 are trained for a few
-hundred steps on generated reasoning problems (text, and questions about rendered coloured shapes seen
-through the frozen, randomly initialised vision tower). Then, as real LLMs show, a few channels are made
+The weights behave like a trained model because they are one: the vision tower, mlp1 and the LLM are
+trained together on generated problems (text reasoning, and questions whose answer is only in a rendered
+picture) until held-out accuracy passes a threshold (tiny_train.py); the build is refused otherwise.
+Then, as real LLMs show, a few channels are made
 outliers without changing the function: those channels of both RMSNorm weights are multiplied by 50 and
 the matching input columns of q/k/v/gate/up divided by 50. The 16-bit outputs stay the same, but every
-quantized linear now sees outlier input channels (REFERENCE §6 explains why this matters).
+quantized linear now sees outlier input channels (what makes plain rounding lose on real LLMs, and
+what AWQ exists for).
 """
 
 from __future__ import annotations
