@@ -22,24 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-VISION = {
-    "architectures": ["InternVisionModel"],
-    "model_type": "intern_vit_6b",
-    "hidden_size": 3200,
-    "intermediate_size": 12800,
-    "num_attention_heads": 25,
-    "num_hidden_layers": 45,
-    "patch_size": 14,
-    "image_size": 448,
-    "num_channels": 3,
-    "qkv_bias": False,
-    "qk_normalization": True,
-    "norm_type": "rms_norm",
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-6,
-    "initializer_factor": 0.1,
-    "torch_dtype": "bfloat16",
-}
+from r1v_quant.presets import VISION_6B
+
+VISION = {k: v for k, v in VISION_6B.items() if k != "use_flash_attn"}  # the released 6B tower
 
 
 SMALL = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 2}

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,6 +85,15 @@ def _previous(seed: int) -> list[dict]:
     return doc["builds"] if same and doc.get("seed") == seed else []
 
 
+def _write(seed: int, native: str, rows: list[dict]) -> tuple[Path, int]:
+    distinct = len({r["weights_sha256"] for r in rows if r["ok"]})
+    path = write_result(
+        "replica_cpu_variants",
+        {"seed": seed, "native_capability": native, "distinct_weights": distinct, "builds": rows},
+    )
+    return path, distinct
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
@@ -125,25 +135,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="replica-cpu-") as tmp:
 
+        earlier = _previous(args.seed) if args.keep else []  # builds of an earlier run here, not repeated
+        earlier = [r for r in earlier if (r["cap"], r["threads"]) not in set(jobs)]
+        rows: list[dict] = []
+        lock = threading.Lock()
+
         def one(job: tuple[str, int]) -> dict:
             row = _build(Path(tmp) / f"{job[0]}-{job[1]}", job[0], job[1], args.seed)
             row["parallel"] = args.parallel
             show(row)
             shutil.rmtree(Path(tmp) / f"{job[0]}-{job[1]}", ignore_errors=True)
+            with lock:  # written after every build: a long run stopped midway keeps what it measured
+                rows.append(row)
+                _write(args.seed, native, earlier + rows)
             return row
 
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            rows = list(pool.map(one, jobs))
-    if args.keep:  # builds of earlier runs on this machine that this run did not repeat
-        done = {(r["cap"], r["threads"]) for r in rows}
-        rows = [r for r in _previous(args.seed) if (r["cap"], r["threads"]) not in done] + rows
-    distinct = len({r["weights_sha256"] for r in rows if r["ok"]})
-    print(f"{distinct} distinct weight files from {len(rows)} builds")
-    path = write_result(
-        "replica_cpu_variants",
-        {"seed": args.seed, "native_capability": native, "distinct_weights": distinct, "builds": rows},
-    )
-    print(f"wrote {path}")
+            list(pool.map(one, jobs))
+    path, distinct = _write(args.seed, native, earlier + rows)
+    print(f"{distinct} distinct weight files from {len(earlier + rows)} builds; wrote {path}")
+    rows = earlier + rows
     if not all(r["ok"] for r in rows):
         raise SystemExit(1)
 

@@ -13,7 +13,7 @@ from typing import Any
 from r1v_quant.atomic import write_text_atomic
 from r1v_quant.spec import ModelSpec, parse_config
 
-_VISION_6B = {
+VISION_6B = {
     "architectures": ["InternVisionModel"],
     "model_type": "intern_vit_6b",
     "hidden_size": 3200,
@@ -81,7 +81,7 @@ def preset_config(name: str) -> dict[str, Any]:
         "use_llm_lora": 0,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
-        "vision_config": dict(_VISION_6B),
+        "vision_config": dict(VISION_6B),
         "llm_config": dict(p["llm"]),
     }
 
