@@ -1,6 +1,6 @@
 """Independent load check: r1v-quant's AWQ output, loaded by transformers + gptqmodel, gives our logits.
 
-r1v-quant reads its own AWQ checkpoints by unpacking `qweight`/`qzeros`/`scales` (exporters/awq_format).
+r1v-quant reads its own AWQ checkpoints by unpacking `qweight`/`qzeros`/`scales` (r1v_quant/awq_format).
 An independent reader is the real proof that the packing is the AutoAWQ GEMM layout: here transformers'
 AWQ path (which needs gptqmodel on CPU) loads the language model and must produce the same logits.
 

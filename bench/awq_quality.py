@@ -99,7 +99,7 @@ def run_autoawq(model_dir: Path, tmp: Path, opts: AWQOptions) -> tuple[R1VModel,
     model.save_quantized(str(peer_out))
     from safetensors.torch import load_file
 
-    from r1v_quant.exporters.awq_format import dequantize_awq
+    from r1v_quant.awq_format import dequantize_awq
 
     peer = {}
     for f in peer_out.glob("*.safetensors"):
@@ -127,7 +127,7 @@ def independent_check(out_dir: Path) -> str:
         from awq.utils.packing_utils import reverse_awq_order, unpack_awq
     except Exception as e:
         return f"skipped ({e})"
-    from r1v_quant.exporters.awq_format import unpack_awq as ours_unpack
+    from r1v_quant.awq_format import unpack_awq as ours_unpack
 
     ckpt = open_checkpoint(out_dir)
     n_lin, mismatched = 0, 0

@@ -162,7 +162,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.exporters.awq_format import dequantize_awq
+from r1v_quant.awq_format import dequantize_awq
 awq, src = sys.argv[1], sys.argv[2]
 index = json.load(open(f"{awq}/model.safetensors.index.json"))["weight_map"]
 REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # AutoAWQ's AWQ_REVERSE_ORDER

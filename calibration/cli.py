@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from r1v_quant.hub import model_argument
+from r1v_quant.cli_params import model_argument
 
 
 def _size(n: int | None) -> str:

@@ -22,8 +22,6 @@ samples with and without images); prompt and response pooled into one language w
 from __future__ import annotations
 
 import json
-import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,65 +163,3 @@ def read_sensitivity(
             "(from another model? run `r1v-quant calibrate` on this one)"
         )
     return sens
-
-
-def calibration_sensitivity(
-    calib: Path | str,
-    model_dir: Path | str,
-    *,
-    set_hash: str,
-    num_layers: int,
-    flavor: str | None = None,
-    scratch: Path | str | None = None,
-    progress: bool = True,
-    device: torch.device | str = "cpu",
-) -> tuple[Sensitivity, str]:
-    """The sensitivity for a `calibrate` output: (it, "calibration") when stored there, else measured now
-    from `model_dir` and the set its report.json records, (it, "measured"), after checking that the set
-    reloads with the recorded hash. Nothing is written into `calib` (an input). `device`: where a measurement
-    runs."""
-    from .pipeline import REPORT_FILE, prepare
-    from .store import ActivationStore
-
-    calib = Path(calib)
-    directory = calib if calib.is_dir() else calib.parent
-    stored = read_sensitivity(directory, num_layers=num_layers, set_hash=set_hash)
-    if stored is not None:
-        return stored, "calibration"
-    fix = (
-        f"re-run `r1v-quant calibrate` into a new folder to store {SENSITIVITY_FILE}, "
-        "or choose --modality-weights balanced, uniform or text"
-    )
-    try:
-        report = json.loads((directory / REPORT_FILE).read_text(encoding="utf-8"))
-        s = report["set"]
-        args = (s["source"], int(s["samples"]), int(report["seq_len"]))
-        kw = {"seed": int(report["seed"]), "text_ratio": float(report["text_ratio"])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise R1VError(
-            f"{directory}: no {SENSITIVITY_FILE} and no readable {REPORT_FILE} to rebuild the set from "
-            f"({type(e).__name__}); {fix}"
-        ) from None
-    try:
-        prep = prepare(model_dir, *args, flavor=flavor, progress=progress, **kw)
-    except R1VError as e:
-        raise R1VError(
-            f"{directory}: no {SENSITIVITY_FILE}, and its set does not reload ({e}); {fix}"
-        ) from None
-    if prep.set_hash != set_hash:
-        raise R1VError(
-            f"{directory}: no {SENSITIVITY_FILE}, and its set {args[0]!r} now has hash {prep.set_hash[:19]}, "
-            f"not the calibrated {set_hash[:19]}; {fix}"
-        )
-    budget = report.get("memory", {}).get("max_memory_bytes")  # the RAM the user allowed `calibrate`
-    if scratch is not None:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".r1v-sensitivity-", dir=scratch) as spill:
-        store = ActivationStore(budget, Path(spill))
-        try:
-            sens = measure_sensitivity(prep, store, progress=progress, device=device)
-        finally:
-            store.close()
-    if sens.weights.shape[0] != num_layers or not math.isfinite(float(sens.weights.sum())):
-        raise R1VError(f"{model_dir}: measured sensitivity does not fit the statistics; {fix}")
-    return sens, "measured"

@@ -37,9 +37,9 @@ from r1v_quant.awq import (
     apply_quantized,
     quantize_layer,
 )
+from r1v_quant.awq_format import pack_awq, unpack_awq
 from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
 from r1v_quant.errors import R1VError
-from r1v_quant.exporters.awq_format import pack_awq, unpack_awq
 from r1v_quant.model_card import CARD_NAME, awq_card, write_card
 from r1v_quant.outputs import claim_output
 from r1v_quant.quant import check_group

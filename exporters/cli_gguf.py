@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from r1v_quant.atomic import write_text_atomic
+from r1v_quant.cli_params import model_argument
 from r1v_quant.errors import R1VError, os_error
-from r1v_quant.hub import model_argument, model_name
+from r1v_quant.hub import model_name
 from r1v_quant.model_card import CARD_NAME, GGUF_MANIFEST, write_gguf_card
 from r1v_quant.outputs import claim_output
 from r1v_quant.signals import deferred_interrupt

@@ -374,7 +374,7 @@ def export_llm_gguf(
         n_layers = ckpt.spec.llm.num_layers
         sens, sens_source = None, None
         if modality_weights == "auto":  # the measured per-layer weights `awq` uses, stored by `calibrate`
-            from r1v_quant.calibration.sensitivity import calibration_sensitivity
+            from r1v_quant.calibration.pipeline import calibration_sensitivity
 
             sens, sens_source = calibration_sensitivity(
                 calib, ckpt.path, set_hash=stats.set_hash, num_layers=n_layers, flavor=flavor,

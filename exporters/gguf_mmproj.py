@@ -26,9 +26,11 @@ appended (the fused qkv is read once for its three parts); the file appears unde
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,14 +39,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from r1v_quant.atomic import atomic_file
 from r1v_quant.checkpoint import open_checkpoint
 from r1v_quant.errors import R1VError
 from r1v_quant.hub import model_name
-from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from r1v_quant.signals import deferred_interrupt
-from r1v_quant.spec import VIT_PREFIX, ModelSpec
+from r1v_quant.spec import VIT_PREFIX, ModelSpec, parse_config
 
 from .gguf_common import (
     add_general_metadata,
@@ -253,7 +256,7 @@ def resolve_position_fix(position_fix: str) -> tuple[str, dict[str, Any]]:
     if position_fix != "auto":
         return position_fix, {}
     try:
-        from .mtmd_runtime import detect_position_order
+        from .mtmd_runtime import import_mtmd  # noqa: F401  (only: is libmtmd's wrapper importable?)
     except ImportError as e:  # pragma: no cover - llama-cpp-python is an optional extra
         log.warning("position_fix=auto: llama-cpp-python unavailable (%s); writing 'shift'", e)
         return "shift", {"probe": "unavailable"}
@@ -341,3 +344,114 @@ def _default_mode(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+# -- position-order probe (it needs this writer and libmtmd; the runtime needs neither) --------------------
+PROBE_CONFIG: dict[str, Any] = {
+    "architectures": ["SkyworkR1VChatModel"],
+    "template": "skywork-r1v",
+    "downsample_ratio": 0.5,
+    "force_image_size": 448,
+    "ps_version": "v2",
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": 1,
+    "vision_config": {
+        "architectures": ["InternVisionModel"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "patch_size": 14,
+        "image_size": 448,
+        "qkv_bias": True,
+        "qk_normalization": False,
+        "norm_type": "layer_norm",
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+    },
+    "llm_config": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 1,
+        "vocab_size": 259,
+    },
+}
+
+
+def _probe_model(seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    from r1v_quant.vision import Projector, VisionModel
+
+    spec = parse_config(PROBE_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
+    state = {f"vision_model.{k}": v for k, v in vm.state_dict().items()}
+    state.update({f"mlp1.{k}": v for k, v in mlp1.state_dict().items()})
+    for k, v in state.items():
+        if k.endswith(("norm1.weight", "norm2.weight", "mlp1.0.weight")):
+            state[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        elif k.endswith("position_embedding"):
+            state[k] = torch.randn(v.shape, generator=g)  # large rows: a one-row shift is unmistakable
+        else:
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return spec, state
+
+
+def _reference(spec: ModelSpec, state: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
+    from r1v_quant.vision import Projector, VisionModel, extract_feature
+
+    vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
+    vm.load_state_dict(
+        {k[len("vision_model.") :]: v for k, v in state.items() if k.startswith("vision_model.")}
+    )
+    mlp1.load_state_dict({k[len("mlp1.") :]: v for k, v in state.items() if k.startswith("mlp1.")})
+    with torch.no_grad():
+        return extract_feature(vm.eval(), mlp1.eval(), spec, pixel_values)
+
+
+@functools.cache
+def detect_position_order(seed: int = 0) -> dict[str, Any]:
+    """Which stored position-row order makes the installed libmtmd reproduce InternVL: 'shift' or 'none'.
+
+    A random probe ViT (1 layer x 64, large random position table) is written unchanged ('none') and run
+    on one random tile; its output is compared with the torch reference in InternVL's order and with the
+    reference whose table is rotated the way a CLS-last graph reads it. Cached per process.
+    """
+    from .mtmd_runtime import MtmdVision, cosine_rows, import_mtmd
+
+    llama_cpp, _ = import_mtmd()
+    spec, state = _probe_model(seed)
+    rng = np.random.default_rng(seed)
+    tile = Image.fromarray(rng.integers(0, 256, (spec.vision.image_size,) * 2 + (3,), dtype=np.uint8))
+    pixels = torch.from_numpy(to_tensor(tile))[None]
+    ref = _reference(spec, state, pixels)
+    # What a CLS-last graph computes from an unchanged table: patch k gets row k, CLS the last row.
+    cls_last = dict(state)
+    table = state["vision_model.embeddings.position_embedding"]
+    cls_last["vision_model.embeddings.position_embedding"] = torch.roll(table, 1, dims=1)
+    ref_cls_last = _reference(spec, cls_last, pixels)
+    with tempfile.TemporaryDirectory(prefix="r1v-probe-") as td:
+        path = Path(td) / "probe-mmproj.gguf"
+        plan, _ = plan_mmproj(spec, "F32")
+        write_mmproj(
+            path, spec, state.__getitem__, plan, mmproj_type="F32", position_fix="none", name="probe"
+        )
+        with MtmdVision(path, n_threads=1) as mv:
+            got = mv.encode_tile(tile)
+    as_is = float(cosine_rows(got, ref[0]).min())
+    cls_last_cos = float(cosine_rows(got, ref_cls_last[0]).min())
+    result = {
+        "min_cosine_stored_order": round(as_is, 6),
+        "min_cosine_cls_last_order": round(cls_last_cos, 6),
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+    }
+    if as_is > 0.999 and as_is > cls_last_cos:
+        return {"position_fix": "none", **result}
+    if cls_last_cos > 0.999 and cls_last_cos > as_is:
+        return {"position_fix": "shift", **result}
+    raise R1VError(
+        f"position_fix=auto: the installed libmtmd matches neither position order ({result}); "
+        "pass position_fix='shift' or 'none' explicitly"
+    )

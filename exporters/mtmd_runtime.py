@@ -13,14 +13,13 @@ libmtmd needs a text model only for its vocabulary (it tokenises the `<img>`/`</
 chunk); a vocab-only load reads no tensors. Without a text GGUF, a stub one (byte-level BPE vocab with the
 two tags, no tensors) is written to a temporary directory, so encoding never loads the 32B decoder.
 
-`detect_position_order` runs a small random probe mmproj through the installed libmtmd to tell which
-position-row order it uses (see gguf_mmproj).
+gguf_mmproj's `detect_position_order` runs a small random probe mmproj through it to tell which
+position-row order the installed libmtmd uses.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,8 +31,8 @@ import torch
 from PIL import Image
 
 from r1v_quant.errors import R1VError
-from r1v_quant.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image, to_tensor
-from r1v_quant.spec import ModelSpec, parse_config
+from r1v_quant.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image
+from r1v_quant.spec import ModelSpec
 
 from .gguf_common import Closeable, free_handle, llama_log, write_header
 
@@ -354,41 +353,6 @@ def embedding_parity(
     }
 
 
-# -- position-order probe -----------------------------------------------------------------------------
-PROBE_CONFIG: dict[str, Any] = {
-    "architectures": ["SkyworkR1VChatModel"],
-    "template": "skywork-r1v",
-    "downsample_ratio": 0.5,
-    "force_image_size": 448,
-    "ps_version": "v2",
-    "min_dynamic_patch": 1,
-    "max_dynamic_patch": 1,
-    "vision_config": {
-        "architectures": ["InternVisionModel"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 1,
-        "patch_size": 14,
-        "image_size": 448,
-        "qkv_bias": True,
-        "qk_normalization": False,
-        "norm_type": "layer_norm",
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-    },
-    "llm_config": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_hidden_layers": 1,
-        "vocab_size": 259,
-    },
-}
-
-
 def cosine_rows(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per-token cosine similarity of two (..., n_embd) arrays of the same shape."""
     x = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
@@ -396,79 +360,3 @@ def cosine_rows(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> n
     if x.shape != y.shape:
         raise R1VError(f"cannot compare {tuple(x.shape)} with {tuple(y.shape)} token embeddings")
     return torch.nn.functional.cosine_similarity(x, y, dim=-1).numpy()
-
-
-def _probe_model(seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    from r1v_quant.vision import Projector, VisionModel
-
-    spec = parse_config(PROBE_CONFIG)
-    g = torch.Generator().manual_seed(seed)
-    vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
-    state = {f"vision_model.{k}": v for k, v in vm.state_dict().items()}
-    state.update({f"mlp1.{k}": v for k, v in mlp1.state_dict().items()})
-    for k, v in state.items():
-        if k.endswith(("norm1.weight", "norm2.weight", "mlp1.0.weight")):
-            state[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
-        elif k.endswith("position_embedding"):
-            state[k] = torch.randn(v.shape, generator=g)  # large rows: a one-row shift is unmistakable
-        else:
-            state[k] = 0.1 * torch.randn(v.shape, generator=g)
-    return spec, state
-
-
-def _reference(spec: ModelSpec, state: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
-    from r1v_quant.vision import Projector, VisionModel, extract_feature
-
-    vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
-    vm.load_state_dict(
-        {k[len("vision_model.") :]: v for k, v in state.items() if k.startswith("vision_model.")}
-    )
-    mlp1.load_state_dict({k[len("mlp1.") :]: v for k, v in state.items() if k.startswith("mlp1.")})
-    with torch.no_grad():
-        return extract_feature(vm.eval(), mlp1.eval(), spec, pixel_values)
-
-
-@functools.cache
-def detect_position_order(seed: int = 0) -> dict[str, Any]:
-    """Which stored position-row order makes the installed libmtmd reproduce InternVL: 'shift' or 'none'.
-
-    A random probe ViT (1 layer x 64, large random position table) is written unchanged ('none') and run
-    on one random tile; its output is compared with the torch reference in InternVL's order and with the
-    reference whose table is rotated the way a CLS-last graph reads it. Cached per process.
-    """
-    from .gguf_mmproj import plan_mmproj, write_mmproj
-
-    llama_cpp, _ = import_mtmd()
-    spec, state = _probe_model(seed)
-    rng = np.random.default_rng(seed)
-    tile = Image.fromarray(rng.integers(0, 256, (spec.vision.image_size,) * 2 + (3,), dtype=np.uint8))
-    pixels = torch.from_numpy(to_tensor(tile))[None]
-    ref = _reference(spec, state, pixels)
-    # What a CLS-last graph computes from an unchanged table: patch k gets row k, CLS the last row.
-    cls_last = dict(state)
-    table = state["vision_model.embeddings.position_embedding"]
-    cls_last["vision_model.embeddings.position_embedding"] = torch.roll(table, 1, dims=1)
-    ref_cls_last = _reference(spec, cls_last, pixels)
-    with tempfile.TemporaryDirectory(prefix="r1v-probe-") as td:
-        path = Path(td) / "probe-mmproj.gguf"
-        plan, _ = plan_mmproj(spec, "F32")
-        write_mmproj(
-            path, spec, state.__getitem__, plan, mmproj_type="F32", position_fix="none", name="probe"
-        )
-        with MtmdVision(path, n_threads=1) as mv:
-            got = mv.encode_tile(tile)
-    as_is = float(cosine_rows(got, ref[0]).min())
-    cls_last_cos = float(cosine_rows(got, ref_cls_last[0]).min())
-    result = {
-        "min_cosine_stored_order": round(as_is, 6),
-        "min_cosine_cls_last_order": round(cls_last_cos, 6),
-        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
-    }
-    if as_is > 0.999 and as_is > cls_last_cos:
-        return {"position_fix": "none", **result}
-    if cls_last_cos > 0.999 and cls_last_cos > as_is:
-        return {"position_fix": "shift", **result}
-    raise R1VError(
-        f"position_fix=auto: the installed libmtmd matches neither position order ({result}); "
-        "pass position_fix='shift' or 'none' explicitly"
-    )

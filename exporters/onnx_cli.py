@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from r1v_quant.hub import model_argument
+from r1v_quant.cli_params import model_argument
 from r1v_quant.model_card import onnx_card, write_card
 
 from .onnx_vision import DTYPES, MAX_OPSET, MIN_OPSET, export_onnx

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
+from r1v_quant.cli_params import model_option
 from r1v_quant.errors import R1VError
-from r1v_quant.hub import model_option
 from r1v_quant.prompts import THINK_END
 
 Write = Callable[[str], None]

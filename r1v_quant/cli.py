@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from r1v_quant import __version__
+from r1v_quant.cli_params import model_argument
 from r1v_quant.errors import R1VError, os_errno, os_error
-from r1v_quant.hub import model_argument
 
 # Commands that live with their pipeline stage, imported only when used (their heavy or optional
 # dependencies must not slow down or break the rest of the CLI).

@@ -237,7 +237,7 @@ class Demo:
 
     def check(self) -> dict[str, Any]:
         from r1v_quant.artifact import resolve_artifact, resolve_reference
-        from r1v_quant.bench_sets import load_bench
+        from r1v_quant.bench_load import load_bench
         from r1v_quant.check import Gates, run_check, write_report
         from r1v_quant.decoding import resolve_decoding
         from r1v_quant.eval_backends import RuntimeOptions, check_compatible

@@ -17,15 +17,16 @@ Only one model is open at a time: callers open, use and close each backend in tu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from r1v_quant.artifact import Artifact
+from r1v_quant.backend import Backend, Generation, GenRequest, OnDone
 from r1v_quant.decoding import Decoding
 from r1v_quant.device import resolve_device
 from r1v_quant.errors import R1VError
@@ -47,42 +48,6 @@ PROBE_TEXTS = (
     f"{DS_BOS}{DS_USER}\nWhat is 6*7?{DS_ASSISTANT}<think>\nok</think>\n\n42",
     f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n<think>\n",
 )
-
-
-@dataclass
-class Generation:
-    text: str
-    n_tokens: int
-    stopped: bool  # False: the max-tokens budget (or the context) cut the answer off
-    budget: int = 0  # the new tokens this answer was allowed: the decoding's budget, capped by the context
-
-
-@dataclass(frozen=True)
-class GenRequest:
-    question: str  # the user turn with one `<image>` placeholder per image
-    images: Sequence[ImageSource]
-    seed: int
-
-
-OnDone = Callable[[int, Generation], None]
-
-
-class Backend(Protocol):
-    artifact: Artifact
-
-    def tokenize(self, text: str) -> list[int]: ...
-
-    def logprobs(self, window: Window) -> torch.Tensor: ...
-
-    def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation: ...
-
-    def generate_many(
-        self, reqs: Sequence[GenRequest], decoding: Decoding, on_done: OnDone | None = None
-    ) -> list[Generation]: ...
-
-    def speed(self, req: GenRequest, n_tokens: int = 32) -> float: ...
-
-    def close(self) -> None: ...
 
 
 def greedy(max_tokens: int) -> Decoding:

@@ -33,9 +33,10 @@ from typing import Any
 from tqdm import tqdm
 
 from r1v_quant.answers import boxed_answer, extract_answer, final_answer, is_correct
+from r1v_quant.backend import Backend, GenRequest
 from r1v_quant.bench_sets import BenchItem, BenchSet
 from r1v_quant.decoding import Decoding
-from r1v_quant.eval_backends import Backend, GenRequest, greedy
+from r1v_quant.eval_backends import greedy
 from r1v_quant.stats_tests import Z_80, Z_95, paired_delta
 
 PASS, FAIL, UNRESOLVED = "PASS", "FAIL", "UNRESOLVED"

@@ -195,7 +195,8 @@ def _resolve(
 def _load_benches(
     specs: tuple[str, ...], limit: int, seed: int, skip_bad: bool, stratify: bool = False
 ) -> Any:
-    from r1v_quant.bench_sets import BenchSet, load_bench
+    from r1v_quant.bench_load import load_bench
+    from r1v_quant.bench_sets import BenchSet
 
     sets = [load_bench(s, limit=limit, seed=seed, skip_bad=skip_bad, stratify=stratify) for s in specs]
     if len(sets) == 1:

@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from r1v_quant.artifact import Artifact
+from r1v_quant.backend import Backend
 from r1v_quant.errors import R1VError
-from r1v_quant.eval_backends import Backend, RuntimeOptions
+from r1v_quant.eval_backends import RuntimeOptions
 from r1v_quant.evalset import Window, heldout_windows, text_windows, window_targets
 from r1v_quant.metrics import concat_stats, summarize, token_stats
 

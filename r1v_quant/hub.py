@@ -11,23 +11,19 @@ files) and show huggingface_hub's progress bars.
 
 A revision (branch, tag or commit) is written `org/name@REV` wherever a repo id is accepted, so commands
 comparing several models (`eval`, `check`: `--ref org/a@v1 --cand org/b@abc123`) pin each one; commands
-taking one model also have `--revision`. Commands take MODEL through `model_argument()` (or a
+taking one model also have `--revision`. Commands take MODEL through `cli_params.model_argument()` (or a
 `--model`-style option through `model_option()`), which resolves before the command body runs; commands
 with several model options call `resolve_model` themselves.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import click
+from typing import Any
 
 from r1v_quant.errors import R1VError
 
@@ -49,7 +45,6 @@ IGNORE_PATTERNS = ["*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle
                    "*.gguf", "*.onnx", "*.onnx_data"]  # fmt: skip
 INDEX_NAME = "model.safetensors.index.json"
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -242,54 +237,3 @@ def _silent_tqdm() -> type:
             super().__init__(*args, **kwargs)
 
     return Silent
-
-
-REVISION_HELP = "Hub branch, tag or commit (when MODEL is a Hugging Face repo id; or write REPO@REV)."
-
-
-def _resolving(fn: F, param: str, weights: bool) -> F:
-    """Wrap a click callback: `param` (a path or repo id) becomes a local Path; `revision` is consumed."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        revision = kwargs.pop("revision", None)
-        progress = not kwargs.get("as_json", False)
-        if kwargs.get(param) is not None:
-            kwargs[param] = resolve_model(kwargs[param], revision, weights=weights, progress=progress)
-        elif revision is not None:
-            raise R1VError(f"--revision {revision}: no model repo id given")
-        return fn(*args, **kwargs)
-
-    return click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)(wrapper)  # type: ignore[return-value]
-
-
-def model_argument(name: str = "model", *, weights: bool = True) -> Callable[[F], F]:
-    """Click decorator: argument MODEL (local path or Hub repo id, `REPO@REV` allowed) plus `--revision`.
-
-    Use it in place of `@click.argument("model", ...)`; the callback's `name` parameter receives the
-    resolved local path and `revision` is consumed here. `weights=False` for commands that need only
-    config, index and tokenizer (inspect). A `--json` run (parameter `as_json`) downloads without bars.
-    """
-
-    def decorate(fn: F) -> F:
-        return click.argument(name, metavar=name.upper())(_resolving(fn, name, weights))  # type: ignore[return-value]
-
-    return decorate
-
-
-def model_option(*decls: str, weights: bool = True, help: str | None = None) -> Callable[[F], F]:
-    """Like `model_argument`, for an optional `--model`-style option (default `--model`, parameter `model`).
-
-    `@model_option("--model", "-m")` adds the option and `--revision`; when the option is given, the
-    callback receives a resolved local Path, else None.
-    """
-    decls = decls or ("--model",)
-    param = max(decls, key=len).lstrip("-").replace("-", "_")
-
-    def decorate(fn: F) -> F:
-        option = click.option(
-            *decls, default=None, metavar="MODEL", help=help or "Checkpoint directory or Hub repo id."
-        )
-        return option(_resolving(fn, param, weights))  # type: ignore[return-value]
-
-    return decorate

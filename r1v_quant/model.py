@@ -48,7 +48,7 @@ class R1VModel(nn.Module):
             if quant.get("quant_method") != "awq" or quant.get("version", "gemm") != "gemm":
                 raise R1VError(f"{ckpt.path}: unsupported quantization {quant.get('quant_method')!r}")
             # the packed format belongs to the exporter; the core only asks it for dequantized weights
-            from r1v_quant.exporters.awq_format import awq_state_dict
+            from r1v_quant.awq_format import awq_state_dict
 
             state = awq_state_dict(ckpt, dtype, device)
         else:

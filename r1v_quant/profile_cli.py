@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from r1v_quant.cli_params import model_argument, model_option
 from r1v_quant.errors import R1VError
-from r1v_quant.hub import model_argument, model_option
 
 
 @click.command("profile")

@@ -378,7 +378,7 @@ def warm_up_llamacpp(threads: int | None, vision: bool) -> None:
         with LlamaCppRuntime(toy, n_ctx=256, n_threads=threads) as rt:
             rt.generate([1, 2, 3], max_new_tokens=2, ignore_stop=True)
     if vision:
-        from r1v_quant.exporters.mtmd_runtime import detect_position_order
+        from r1v_quant.exporters.gguf_mmproj import detect_position_order
 
         detect_position_order()  # writes a probe mmproj and encodes one tile with libmtmd
     gc.collect()

@@ -29,9 +29,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from r1v_quant.artifact import Artifact
+from r1v_quant.backend import Generation, GenRequest, OnDone
 from r1v_quant.decoding import Decoding
 from r1v_quant.errors import R1VError
-from r1v_quant.eval_backends import Generation, GenRequest, OnDone
 from r1v_quant.preprocess import ImageSource, open_image
 from r1v_quant.prompts import IMAGE_PLACEHOLDER, THINK_END
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from r1v_quant.answers import extract_answer, final_answer, is_correct
-from r1v_quant.bench_sets import MULTI_INSTRUCTION, load_bench
+from r1v_quant.bench_load import load_bench
+from r1v_quant.bench_sets import MULTI_INSTRUCTION
 from r1v_quant.errors import R1VError
 
 

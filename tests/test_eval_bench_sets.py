@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from r1v_quant.answers import extract_answer, is_correct
-from r1v_quant.bench_sets import BUILTIN, MC_INSTRUCTION, load_bench
+from r1v_quant.bench_load import load_bench
+from r1v_quant.bench_sets import BUILTIN, MC_INSTRUCTION
 from r1v_quant.errors import R1VError
 
 

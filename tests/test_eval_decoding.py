@@ -98,7 +98,7 @@ def test_batched_decoder_matches_one_sequence(tiny_dir: Path, monkeypatch: pytes
 
 def test_k_samples_per_item_with_recorded_seeds(tiny_dir: Path) -> None:
     from r1v_quant.artifact import resolve_reference
-    from r1v_quant.bench_sets import load_bench
+    from r1v_quant.bench_load import load_bench
     from r1v_quant.eval_backends import RuntimeOptions, open_backend
     from r1v_quant.eval_bench import bench_pass, compare, model_summary
 

@@ -12,7 +12,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
 from r1v_quant.artifact import resolve_artifact, resolve_reference  # noqa: E402
-from r1v_quant.bench_sets import load_bench  # noqa: E402
+from r1v_quant.bench_load import load_bench  # noqa: E402
 from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.eval_backends import (  # noqa: E402
     RuntimeOptions,

@@ -352,12 +352,12 @@ def test_stream_reads_qkv_once(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_auto_without_llamacpp_falls_back_to_shift(monkeypatch, caplog):
-    from r1v_quant.exporters import mtmd_runtime
+    from r1v_quant.exporters import gguf_mmproj
 
     def missing(seed: int = 0) -> dict:
         raise R1VError("llama-cpp-python (libmtmd) is not installed (No module named 'llama_cpp')")
 
-    monkeypatch.setattr(mtmd_runtime, "detect_position_order", missing)
+    monkeypatch.setattr(gguf_mmproj, "detect_position_order", missing)
     with caplog.at_level("WARNING"):
         assert resolve_position_fix("auto") == ("shift", {"probe": "unavailable"})
     assert "not installed" in caplog.text

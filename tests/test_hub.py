@@ -263,7 +263,7 @@ def test_decorators_hand_commands_a_local_path(offline_home: Path) -> None:
     from click.testing import CliRunner
 
     from r1v_quant.cli import Group
-    from r1v_quant.hub import model_argument, model_option
+    from r1v_quant.cli_params import model_argument, model_option
 
     seen: list[object] = []
 
