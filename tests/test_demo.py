@@ -114,6 +114,7 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path: Path, tiny_dir: Path) -
     assert [a["engine"] for a in ask] == engines
     blue = [a for a in ask if a["image"] == "blue-circle.png"]
     assert blue[0]["correct"]  # the 16-bit replica names the colour (its build verified this picture)
+    assert [a["gate_passed"] is None for a in blue] == [True, False, False]  # each artifact's own gate
     # every engine whose artifact passed its quality gate answers it right too
     assert all(a["correct"] for a in blue if a["gate_passed"]), blue
     photo = [a for a in ask if a["image"] == "coffee.png"]
