@@ -105,7 +105,7 @@ def token_weights(
     auto: each token weighs its modality's measured sensitivity (`sensitivity`, (3,): mean |dL/dh|² of
     the answer loss w.r.t. this layer's output, from calibration.capture.layer_sensitivity). uniform:
     every token counts once. text: vision tokens count zero (what text-only calibration sees). balanced:
-    each modality present gets the same total weight (the former default; measured worse, see README).
+    each modality present gets the same total weight (the former default; measured worse, see docs/awq.md).
     Weights are normalised to mean 1; all-zero weights fall back to uniform.
     """
     if mode not in MODALITY_MODES:
@@ -133,7 +133,7 @@ def language_vision_sensitivity(sens: torch.Tensor, counts: torch.Tensor) -> tor
     """MBQ's two modalities from per-layer (layers, 3) mean |dL/dh|² and (3,) token counts: prompt and
     response tokens pooled into one language weight, vision tokens their own, per layer.
 
-    Keeping prompt and response apart measured worse on held-out text answers (README, AWQ): early
+    Keeping prompt and response apart measured worse on held-out text answers (docs/awq.md): early
     layers' prompt gradients dominate and starve the answer tokens of weight.
     """
     n_p, n_r = counts[PROMPT], counts[RESPONSE]

@@ -326,16 +326,18 @@ def split_thinking(text: str, *, think_opened: bool = True) -> tuple[str, str]:
     """Split generated text into ``(thinking, answer)``, both stripped.
 
     The generation prompt already opened ``<think>``, so the text normally reads
-    ``reasoning\\n</think>\\n\\nanswer``. Without ``</think>`` the model never finished thinking (token
-    budget ran out): everything is thinking and the answer is empty, unless ``think_opened=False`` (a
-    ``think=False`` prompt), where text without a reasoning block is all answer.
+    ``reasoning\\n</think>\\n\\nanswer``. A model that writes ``</think>`` more than once is answered by
+    what follows the last one (what R1's own template keeps of an assistant turn, and what benchmark
+    scoring reads). Without ``</think>`` the model never finished thinking (token budget ran out):
+    everything is thinking and the answer is empty, unless ``think_opened=False`` (a ``think=False``
+    prompt), where text without a reasoning block is all answer.
     """
     body = text.lstrip()
     if body.startswith(THINK_START):  # the model (or a think=False prompt) opened the block itself
         body = body[len(THINK_START) :]
         think_opened = True
     if THINK_END in body:
-        thinking, answer = body.split(THINK_END, 1)
+        thinking, answer = body.rsplit(THINK_END, 1)
         return thinking.strip(), answer.strip()
     if think_opened:
         return body.strip(), ""

@@ -1,4 +1,4 @@
-"""The import rules README's Architecture section writes down, read from the source (every `import`, the lazy
+"""The import rules docs/architecture.md writes down, read from the source (every `import`, the lazy
 ones inside functions included): no cycles, command modules only under commands, click only in them, and a
 model layer that knows nothing of calibration, exporters or anything built on top of it."""
 

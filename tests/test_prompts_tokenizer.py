@@ -191,7 +191,7 @@ def test_split_thinking() -> None:
     # Ran out of tokens mid-thought: no answer yet.
     assert split_thinking("still thinking about it") == ("still thinking about it", "")
     assert split_thinking("plain answer", think_opened=False) == ("", "plain answer")
-    assert split_thinking("a</think>b</think>c") == ("a", "b</think>c")
+    assert split_thinking("a</think>b</think>c") == ("a</think>b", "c")  # the last one ends the reasoning
     assert split_thinking("") == ("", "")
 
 
