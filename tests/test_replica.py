@@ -28,8 +28,8 @@ def test_generated_problems_are_deterministic_and_answerable() -> None:
         assert p.answer in p.thinking.splitlines()[-1]
     probes = probe_problems()
     assert len(probes) == 2 * len(COLORS) * len(SHAPES)
-    assert list(probes[0].render().getdata()) == list(
-        render_shape(probes[0].scene.items[0].color, probes[0].scene.items[0].shape).getdata()
+    assert probes[0].render().tobytes() == (
+        render_shape(probes[0].scene.items[0].color, probes[0].scene.items[0].shape).tobytes()
     )
 
 
