@@ -136,8 +136,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="replica-cpu-") as tmp:
 
         earlier = _previous(args.seed) if args.keep else []  # builds of an earlier run here, not repeated
-        earlier = [r for r in earlier if (r["cap"], r["threads"]) not in set(jobs)]
-        rows: list[dict] = []
+        rows = [r for r in earlier if (r["cap"], r["threads"]) not in set(jobs)]
+        written = _write(args.seed, native, rows) if not jobs else None
         lock = threading.Lock()
 
         def one(job: tuple[str, int]) -> dict:
@@ -145,16 +145,16 @@ def main() -> None:
             row["parallel"] = args.parallel
             show(row)
             shutil.rmtree(Path(tmp) / f"{job[0]}-{job[1]}", ignore_errors=True)
+            nonlocal written
             with lock:  # written after every build: a long run stopped midway keeps what it measured
                 rows.append(row)
-                _write(args.seed, native, earlier + rows)
+                written = _write(args.seed, native, rows)
             return row
 
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
             list(pool.map(one, jobs))
-    path, distinct = _write(args.seed, native, earlier + rows)
-    print(f"{distinct} distinct weight files from {len(earlier + rows)} builds; wrote {path}")
-    rows = earlier + rows
+    path, distinct = written
+    print(f"{distinct} distinct weight files from {len(rows)} builds; wrote {path}")
     if not all(r["ok"] for r in rows):
         raise SystemExit(1)
 

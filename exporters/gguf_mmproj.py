@@ -256,12 +256,10 @@ def resolve_position_fix(position_fix: str) -> tuple[str, dict[str, Any]]:
     if position_fix != "auto":
         return position_fix, {}
     try:
-        from .mtmd_runtime import import_mtmd  # noqa: F401  (only: is libmtmd's wrapper importable?)
+        probe = detect_position_order()
     except ImportError as e:  # pragma: no cover - llama-cpp-python is an optional extra
         log.warning("position_fix=auto: llama-cpp-python unavailable (%s); writing 'shift'", e)
         return "shift", {"probe": "unavailable"}
-    try:
-        probe = detect_position_order()
     except R1VError as e:
         if "not installed" not in str(e):
             raise

@@ -32,6 +32,7 @@ from PIL import Image
 
 from r1v_quant.errors import R1VError
 from r1v_quant.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image
+from r1v_quant.qwen2_vocab import bytes_to_unicode
 from r1v_quant.spec import ModelSpec
 
 from .gguf_common import Closeable, free_handle, llama_log, write_header
@@ -48,20 +49,6 @@ def import_mtmd() -> tuple[Any, Any]:
     return llama_cpp, mtmd_cpp
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def write_stub_text_gguf(path: Path | str) -> Path:
     """A tensor-less qwen2 GGUF whose vocabulary holds the 256 byte tokens plus `<img>` and `</img>`.
 
@@ -71,7 +58,7 @@ def write_stub_text_gguf(path: Path | str) -> Path:
     import gguf
 
     path = Path(path)
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = [*byte_chars, "ĠĠ", IMG_START, IMG_END, "<|endoftext|>"]
     types = [gguf.TokenType.NORMAL] * (len(byte_chars) + 1) + [gguf.TokenType.CONTROL] * 3
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
