@@ -134,7 +134,6 @@ def main() -> None:
             print(f"{cap:8s} {threads} thread(s): FAILED {row['error']}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="replica-cpu-") as tmp:
-
         earlier = _previous(args.seed) if args.keep else []  # builds of an earlier run here, not repeated
         rows = [r for r in earlier if (r["cap"], r["threads"]) not in set(jobs)]
         written = _write(args.seed, native, rows) if not jobs else None

@@ -269,7 +269,7 @@ _WEMATH_OPTION = re.compile(r"(?:^|;)\s*([A-J])\.\s*")
 
 
 def wemath_options(option: str) -> list[str]:
-    """"A. 300, 400;B. 400, 300; E. No correct answer" -> the option texts in letter order."""
+    """ "A. 300, 400;B. 400, 300; E. No correct answer" -> the option texts in letter order."""
     parts = _WEMATH_OPTION.split(option.strip())
     letters, texts = parts[1::2], [t.strip().rstrip(";").strip() for t in parts[2::2]]
     if parts[0].strip() or not letters or letters != list(LETTERS[: len(letters)]):
@@ -424,8 +424,11 @@ PRESETS: dict[str, Preset] = {
         "MATH-Vision: the repo's data/testmini.jsonl (or test.jsonl) + images/, or VLMEvalKit's "
         "MathVision(_MINI).tsv",
         lambda p: load_file(
-            _first(p, ["testmini.jsonl", "data/testmini.jsonl", "test.jsonl", "data/test.jsonl", "*.tsv"],
-                   "MATH-Vision jsonl or TSV")  # fmt: skip
+            _first(
+                p,
+                ["testmini.jsonl", "data/testmini.jsonl", "test.jsonl", "data/test.jsonl", "*.tsv"],
+                "MATH-Vision jsonl or TSV",
+            )  # fmt: skip
         ),
     ),
     "mmmu": Preset(

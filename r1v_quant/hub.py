@@ -46,7 +46,6 @@ IGNORE_PATTERNS = ["*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle
 INDEX_NAME = "model.safetensors.index.json"
 
 
-
 @dataclass(frozen=True)
 class HubSource:
     """Where a snapshot directory in the Hugging Face cache came from."""

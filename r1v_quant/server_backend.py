@@ -216,4 +216,3 @@ class ServerBackend:
 
     def close(self) -> None:
         pass
-

@@ -56,22 +56,26 @@ def run_child(args: Sequence[str], *, env: dict[str, str] | None = None) -> int:
 
     The child inherits a signal mask blocking SIGINT (exec keeps it): Ctrl-C is the parent's to handle.
     A child that dies of SIGINT anyway (one that unblocked it) also counts as Ctrl-C.
+
+    The mask is per thread: a process-wide SIGINT can still land in another thread of this process
+    (torch's, tqdm's), and Python would then raise KeyboardInterrupt inside Popen, after the fork, with
+    no handle on the child to kill. So SIGINT is also recorded, not raised, until `proc` exists.
     """
+    proc: subprocess.Popen | None = None
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        proc = subprocess.Popen(list(args), env=env)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        raise
-    try:
+        with deferred_interrupt():
+            proc = subprocess.Popen(list(args), env=env)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C held meanwhile is raised here
         rc = proc.wait()
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        with contextlib.suppress(OSError, ValueError):
-            print(file=sys.stderr, flush=True)  # end the line the child's log may have left half-written
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            with contextlib.suppress(OSError, ValueError):
+                print(file=sys.stderr, flush=True)  # end the line the child's log may have left half-written
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         raise
     if rc == -signal.SIGINT:
         raise KeyboardInterrupt

@@ -80,8 +80,11 @@ def test_tag_order_repeats_and_untagged_images(tmp_path: Path) -> None:
     (tmp_path / "c.png").write_bytes(_png("green"))
     rows = [
         # image 2 named first, image 1 later, image 3 never: 3 goes before the text; a repeat stays text
-        {"question": "See <image 2>, then <image1>; again <image 2>.", "answer": "x",
-         "images": ["a.png", "b.png", "c.png"]},  # fmt: skip
+        {
+            "question": "See <image 2>, then <image1>; again <image 2>.",
+            "answer": "x",
+            "images": ["a.png", "b.png", "c.png"],
+        },  # fmt: skip
         # a tag beyond the images stays as written (MATH-Vision's inline icons)
         {"question": "The ant <image1> walks home <image2>.", "answer": "4", "image": "a.png"},
     ]
@@ -188,13 +191,21 @@ def test_hub_parquet_mathvista_and_mmmu_presets(tmp_path: Path) -> None:
             "question_type": ["multi_choice", "free_form"],
             "answer_type": ["text", "float"],
             "metadata": pa.array(
-                [{"category": "math-targeted-vqa", "task": "geometry problem solving",
-                  "skills": ["algebraic"]},
-                 {"category": "general-vqa", "task": "textbook question answering", "skills": []}],
+                [
+                    {
+                        "category": "math-targeted-vqa",
+                        "task": "geometry problem solving",
+                        "skills": ["algebraic"],
+                    },
+                    {"category": "general-vqa", "task": "textbook question answering", "skills": []},
+                ],
                 type=meta,
             ),  # fmt: skip
-            "query": [query, "Hint: Please answer the question requiring a floating-point number with two "
-                      "decimal places.\nQuestion: What is x?"],  # fmt: skip
+            "query": [
+                query,
+                "Hint: Please answer the question requiring a floating-point number with two "
+                "decimal places.\nQuestion: What is x?",
+            ],  # fmt: skip
         }
     )
     pq.write_table(table, mv / "testmini-00000-of-00001-abc.parquet")
@@ -250,8 +261,10 @@ def test_presets_errors_and_limits(tmp_path: Path) -> None:
 
 
 def test_stratified_limit_keeps_category_shares(tmp_path: Path) -> None:
-    rows = [{"id": i, "question": "q", "answer": "1", "category": "big" if i < 80 else "small"}
-            for i in range(100)]
+    rows = [
+        {"id": i, "question": "q", "answer": "1", "category": "big" if i < 80 else "small"}
+        for i in range(100)
+    ]
     f = tmp_path / "s.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sub = load_bench(str(f), limit=10, seed=2, stratify=True)

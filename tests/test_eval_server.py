@@ -183,10 +183,30 @@ def test_server_answers_as_the_in_process_backend(
     responses = tmp_path / "responses.jsonl"
     res = CliRunner().invoke(
         main,
-        ["eval", "bench", "--ref", str(tiny_dir), "--cand", str(f16_dir), "--cand",
-         f"openai:{server}#r1v-tiny", "--bench", str(_bench(tmp_path)), "--greedy", "--max-tokens", "24",
-         "--parallel", "3", "--threads", "2", "--max-drop", "100", "--save-responses", str(responses),
-         "--json"],  # fmt: skip
+        [
+            "eval",
+            "bench",
+            "--ref",
+            str(tiny_dir),
+            "--cand",
+            str(f16_dir),
+            "--cand",
+            f"openai:{server}#r1v-tiny",
+            "--bench",
+            str(_bench(tmp_path)),
+            "--greedy",
+            "--max-tokens",
+            "24",
+            "--parallel",
+            "3",
+            "--threads",
+            "2",
+            "--max-drop",
+            "100",
+            "--save-responses",
+            str(responses),
+            "--json",
+        ],  # fmt: skip
     )
     assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.output)
@@ -216,8 +236,19 @@ def test_dead_server_is_one_error_line(tiny_dir: Path, tmp_path: Path) -> None:
     port = _free_port()  # nothing listens there
     res = CliRunner().invoke(
         main,
-        ["eval", "bench", "--ref", str(tiny_dir), "--cand", f"openai:http://127.0.0.1:{port}/v1",
-         "--bench", str(_bench(tmp_path)), "--greedy", "--max-tokens", "8"],  # fmt: skip
+        [
+            "eval",
+            "bench",
+            "--ref",
+            str(tiny_dir),
+            "--cand",
+            f"openai:http://127.0.0.1:{port}/v1",
+            "--bench",
+            str(_bench(tmp_path)),
+            "--greedy",
+            "--max-tokens",
+            "8",
+        ],  # fmt: skip
     )
     assert res.exit_code == 2
     lines = [x for x in res.output.splitlines() if x.strip() and not x.startswith(("bench ", "preflight"))]
