@@ -3,7 +3,8 @@ on a text corpus) versus r1v-quant's multimodal long chain-of-thought set, side 
 
 Every variant quantizes the same 16-bit checkpoint with the same search, sample count and length; only the
 calibration set differs. Each is scored by per-token KL divergence against the 16-bit model on held-out
-windows (r1v_quant.evalset): text problems with worked reasoning, and answers to questions about pictures.
+windows (r1v_quant.data.evalset): text problems with worked reasoning, and answers to questions about
+pictures.
 Round-to-nearest is the floor every AWQ variant should beat. The text corpus is a plain-text
 file (--text-calib; the published results used WikiText-2's validation split as raw text, not shipped
 with r1v-quant).
@@ -23,9 +24,9 @@ from replica_scoring import KINDS, kld_by_kind, model_or_tiny, reference
 from results_io import write_result
 
 from r1v_quant.calibration import prepare
-from r1v_quant.evalset import window_logits
+from r1v_quant.data.evalset import window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
-from r1v_quant.model import R1VModel
+from r1v_quant.model.reference import R1VModel
 
 
 def main() -> None:

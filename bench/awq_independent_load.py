@@ -1,6 +1,7 @@
 """Independent load check: r1v-quant's AWQ output, loaded by transformers + gptqmodel, gives our logits.
 
-r1v-quant reads its own AWQ checkpoints by unpacking `qweight`/`qzeros`/`scales` (r1v_quant/awq_format).
+r1v-quant reads its own AWQ checkpoints by unpacking `qweight`/`qzeros`/`scales`
+(r1v_quant/model/awq_layout.py).
 An independent reader is the real proof that the packing is the AutoAWQ GEMM layout: here transformers'
 AWQ path (which needs gptqmodel on CPU) loads the language model and must produce the same logits.
 
@@ -55,7 +56,7 @@ print(json.dumps({"awq_modules": kinds}))
 
 def make_awq(work: Path) -> Path:
     from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     tiny = work / "r1v-tiny"
     build_tiny(tiny, TinyOptions())
@@ -66,7 +67,7 @@ def make_awq(work: Path) -> Path:
 
 def transformers_view(awq: Path, view: Path) -> dict:
     """config.json + model.safetensors of the language model, tensors byte-identical to the AWQ output."""
-    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.model.checkpoint import open_checkpoint
 
     cfg = json.loads((awq / "config.json").read_text())
     llm = dict(cfg["llm_config"])
@@ -87,9 +88,9 @@ def main() -> None:
     ap.add_argument("--awq", type=Path, help="an r1v-quant AWQ output (default: quantize the tiny replica)")
     args = ap.parse_args()
 
-    from r1v_quant.checkpoint import open_checkpoint
-    from r1v_quant.model import R1VModel
-    from r1v_quant.tokenizer import R1VTokenizer
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.reference import R1VModel
+    from r1v_quant.model.tokenizer import R1VTokenizer
 
     with tempfile.TemporaryDirectory(prefix="r1v-awq-load-") as tmp:
         work = Path(tmp)

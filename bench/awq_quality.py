@@ -5,7 +5,7 @@ mode (--modes, default uniform / text / auto) for each calibration subsample see
 AutoAWQ 0.2.9 is importable (--peer), AutoAWQ on the same language-model weights with the first seed's
 calibration samples as text (it cannot see images). Every output is loaded back and scored by end-to-end
 KL divergence against the 16-bit model on held-out text problems and on answers to image questions
-(r1v_quant.evalset). Wall and CPU time (all threads) of ours (default options, first seed) and AutoAWQ
+(r1v_quant.data.evalset). Wall and CPU time (all threads) of ours (default options, first seed) and AutoAWQ
 come from the same process. Targets (issue #4): AWQ <= 0.5x RTN; ours <= AutoAWQ in KLD and <= 0.5x its
 wall time.
 
@@ -28,10 +28,10 @@ import torch
 from replica_scoring import kld_by_kind, model_or_tiny, reference
 from results_io import write_result
 
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.evalset import window_logits
+from r1v_quant.data.evalset import window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
-from r1v_quant.model import R1VModel
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.reference import R1VModel
 
 
 def score(model: R1VModel, ref_logits: list[torch.Tensor], windows) -> dict[str, dict]:
@@ -67,7 +67,7 @@ def run_autoawq(model_dir: Path, tmp: Path, opts: AWQOptions) -> tuple[R1VModel,
     from safetensors.torch import save_file
 
     from r1v_quant.calibration import prepare
-    from r1v_quant.tokenizer import R1VTokenizer
+    from r1v_quant.model.tokenizer import R1VTokenizer
 
     ckpt = open_checkpoint(model_dir)
     hf = tmp / "peer-src"
@@ -99,7 +99,7 @@ def run_autoawq(model_dir: Path, tmp: Path, opts: AWQOptions) -> tuple[R1VModel,
     model.save_quantized(str(peer_out))
     from safetensors.torch import load_file
 
-    from r1v_quant.awq_format import dequantize_awq
+    from r1v_quant.model.awq_layout import dequantize_awq
 
     peer = {}
     for f in peer_out.glob("*.safetensors"):
@@ -127,7 +127,7 @@ def independent_check(out_dir: Path) -> str:
         from awq.utils.packing_utils import reverse_awq_order, unpack_awq
     except Exception as e:
         return f"skipped ({e})"
-    from r1v_quant.awq_format import unpack_awq as ours_unpack
+    from r1v_quant.model.awq_layout import unpack_awq as ours_unpack
 
     ckpt = open_checkpoint(out_dir)
     n_lin, mismatched = 0, 0

@@ -40,7 +40,7 @@ print(json.dumps({"peak": int(peak.split()[1]) * 1024, "seconds": time.perf_coun
 
 
 def build(root: Path, layers: int, hidden: int, ffn: int) -> Path:
-    from r1v_quant.tiny import TinyOptions, build_tiny, tiny_config, write_random_checkpoint
+    from r1v_quant.replica.build import TinyOptions, build_tiny, tiny_config, write_random_checkpoint
 
     tok_src = root / "tok"
     if not tok_src.exists():

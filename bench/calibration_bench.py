@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="calib-bench-") as tmp:
         model = args.model
         if model is None:
-            from r1v_quant.tiny import TinyOptions, build_tiny
+            from r1v_quant.replica.build import TinyOptions, build_tiny
 
             model = Path(tmp) / "tiny"
             print("building the tiny replica ...", file=sys.stderr)

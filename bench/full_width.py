@@ -52,9 +52,9 @@ def build(out: Path, seed: int = 0) -> Path:
     """The one-layer full-width checkpoint, tensor by tensor (peak ~ the largest tensor in float32)."""
     import torch
 
-    from r1v_quant.checkpoint import ShardedWriter
-    from r1v_quant.spec import parse_config
-    from r1v_quant.tiny import TinyOptions, build_tiny, tiny_config
+    from r1v_quant.model.checkpoint import ShardedWriter
+    from r1v_quant.model.spec import parse_config
+    from r1v_quant.replica.build import TinyOptions, build_tiny, tiny_config
 
     tok = out.parent / "tokenizer-src"
     if not tok.is_dir():
@@ -153,7 +153,7 @@ def fresh(out: Path, log: Path) -> None:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "r1v_quant.cli", *args]
+    return [sys.executable, "-m", "r1v_quant.cli.main", *args]
 
 
 UNPACK = r"""
@@ -161,8 +161,8 @@ import json, sys
 import numpy as np
 import torch
 from safetensors import safe_open
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.awq_format import dequantize_awq
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.awq_layout import dequantize_awq
 awq, src = sys.argv[1], sys.argv[2]
 index = json.load(open(f"{awq}/model.safetensors.index.json"))["weight_map"]
 REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # AutoAWQ's AWQ_REVERSE_ORDER
@@ -201,8 +201,8 @@ LOGITS = r"""
 import json, sys
 import numpy as np, torch
 import llama_cpp
-from r1v_quant.model import R1VModel
-from r1v_quant.tokenizer import R1VTokenizer
+from r1v_quant.model.reference import R1VModel
+from r1v_quant.model.tokenizer import R1VTokenizer
 src, ggufs = sys.argv[1], sys.argv[2:]
 text = "The chart shows 37 and 45. What is 37 * 45? <think>\n37 * 45 = 1665.</think>\n\nThe answer is 1665."
 ids = R1VTokenizer.from_dir(src).encode(text)
@@ -227,12 +227,12 @@ print(json.dumps(out))
 LAYERS = r"""
 import json, sys, time
 import torch
-from r1v_quant.artifact import Geometry
+from r1v_quant.model.artifact import Geometry
 from r1v_quant.calibration.job_plan import _layer_flops, measure_cpu_gflops
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.llm import Qwen2Layer, rope_cos_sin
-from r1v_quant.roofline import vision_flops_per_tile
-from r1v_quant.vision import VisionLayer
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.llm import Qwen2Layer, rope_cos_sin
+from r1v_quant.plan.roofline import vision_flops_per_tile
+from r1v_quant.model.vision import VisionLayer
 ckpt = open_checkpoint(sys.argv[1])
 spec, g = ckpt.spec, Geometry.from_spec(ckpt.spec)
 rate = measure_cpu_gflops()
@@ -269,7 +269,7 @@ def estimate_38b(rate_gflops: float) -> dict[str, Any]:
     import tempfile
 
     import r1v_quant.calibration.job_plan as jp
-    from r1v_quant.presets import preset_spec
+    from r1v_quant.model.presets import preset_spec
 
     spec = preset_spec("r1v-38b")
     samples = [jp.SampleShape(4096, 7 if j < 48 else 0, 2048) for j in range(64)]

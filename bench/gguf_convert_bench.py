@@ -212,17 +212,17 @@ def main() -> None:
     ap.add_argument("--pythonpath", default="", help="extra PYTHONPATH for the converter (sentencepiece)")
     ap.add_argument("--types", default="F16,BF16,Q8_0,Q4_K_M")
     args = ap.parse_args()
-    from r1v_quant.checkpoint import open_checkpoint
     from r1v_quant.exporters.gguf_vocab import load_vocab
     from r1v_quant.exporters.quantize import llama_quantize
-    from r1v_quant.prompts import build_prompt
-    from r1v_quant.tokenizer import R1VTokenizer
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.prompts import build_prompt
+    from r1v_quant.model.tokenizer import R1VTokenizer
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir = args.model
         if model_dir is None:
-            from r1v_quant.tiny import TinyOptions, build_tiny
+            from r1v_quant.replica.build import TinyOptions, build_tiny
 
             model_dir = tmp / "tiny"
             build_tiny(model_dir, TinyOptions())
@@ -244,7 +244,7 @@ def main() -> None:
         meta: dict[str, list[str]] = {}
         for t in [x.strip().upper() for x in args.types.split(",") if x.strip()]:
             ours_dir, theirs = tmp / f"ours-{t}", tmp / f"theirs-{t}.gguf"
-            cmd = [sys.executable, "-m", "r1v_quant.cli", "gguf", str(model_dir), "--out", str(ours_dir),
+            cmd = [sys.executable, "-m", "r1v_quant.cli.main", "gguf", str(model_dir), "--out", str(ours_dir),
                    "--type", t, "--mmproj-type", "none"]  # fmt: skip
             ours_s, ours_rss = run(cmd)
             ours = next(ours_dir.glob("*.gguf"))

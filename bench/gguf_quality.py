@@ -1,8 +1,8 @@
 """GGUF quality in llama.cpp: plain vs importance matrix vs activation-aware, side by side in one run.
 
 Every variant is exported by `r1v-quant gguf` from the same 16-bit checkpoint, loaded by llama.cpp
-(r1v_quant.llamacpp_runtime) and scored by per-token KL divergence against the 16-bit torch reference on
-held-out windows (r1v_quant.evalset): text problems, and answers to questions about rendered pictures.
+(r1v_quant.runtime.llamacpp) and scored by per-token KL divergence against the 16-bit torch reference on
+held-out windows (r1v_quant.data.evalset): text problems, and answers to questions about rendered pictures.
 Image windows feed the torch vision tower's embeddings (the same for every variant) into llama.cpp at the
 <IMG_CONTEXT> positions, so they measure the quantized language model reading an image, not the mmproj.
 
@@ -29,10 +29,10 @@ from replica_scoring import KINDS, kld_by_kind, model_or_tiny, reference
 from results_io import write_result
 
 from r1v_quant.calibration.pipeline import calibrate
-from r1v_quant.evalset import Window
+from r1v_quant.data.evalset import Window
 from r1v_quant.exporters.gguf_aware import MODALITY_MODES
 from r1v_quant.exporters.gguf_llm import export_llm_gguf
-from r1v_quant.llamacpp_runtime import LlamaCppRuntime
+from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
 
 def llama_window_logits(

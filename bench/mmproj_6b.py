@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.presets import VISION_6B
+from r1v_quant.model.presets import VISION_6B
 
 VISION = {k: v for k, v in VISION_6B.items() if k != "use_flash_attn"}  # the released 6B tower
 
@@ -33,7 +33,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, 
 def config() -> dict[str, Any]:
     """A checkpoint config with InternViT-6B + mlp1 at full size and a one-layer stand-in decoder (the
     mmproj reads only vision_model.* and mlp1.*; the decoder keeps the real width for mlp1's output)."""
-    from r1v_quant.tiny import tiny_config
+    from r1v_quant.replica.build import tiny_config
 
     cfg = tiny_config("r1v", "rms", vocab_size=1024, bos=0, eos=1, llm_layers=1)
     cfg["vision_config"] = dict(VISION, **(SMALL if os.environ.get("R1V_BENCH_SMALL") else {}))
@@ -66,8 +66,8 @@ def step_write(out: Path) -> dict[str, Any]:
     """The random checkpoint, streamed: one tensor in memory at a time, 2 GB shards."""
     import torch
 
-    from r1v_quant.checkpoint import ShardedWriter
-    from r1v_quant.spec import parse_config
+    from r1v_quant.model.checkpoint import ShardedWriter
+    from r1v_quant.model.spec import parse_config
 
     cfg = config()
     spec = parse_config(cfg, flavor="r1v")
@@ -103,9 +103,9 @@ def step_reference(model: Path, out: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from r1v_quant.checkpoint import open_checkpoint
-    from r1v_quant.preprocess import to_tensor
-    from r1v_quant.vision import Projector, VisionEmbeddings, VisionLayer, pixel_shuffle
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.preprocess import to_tensor
+    from r1v_quant.model.vision import Projector, VisionEmbeddings, VisionLayer, pixel_shuffle
 
     ckpt = open_checkpoint(model)
     spec = ckpt.spec
@@ -139,7 +139,7 @@ def step_reference(model: Path, out: Path) -> dict[str, Any]:
 def step_mtmd(mmproj: Path, out: Path, threads: int) -> dict[str, Any]:
     import numpy as np
 
-    from r1v_quant.exporters.mtmd_runtime import MtmdVision
+    from r1v_quant.runtime.mtmd import MtmdVision
 
     t0 = time.perf_counter()
     with MtmdVision(mmproj, n_threads=threads) as mv:
@@ -174,7 +174,7 @@ def run_step(args: list[str]) -> dict[str, Any]:
 def cosines(a: Path, b: Path) -> dict[str, float]:
     import numpy as np
 
-    from r1v_quant.exporters.mtmd_runtime import cosine_rows
+    from r1v_quant.runtime.mtmd import cosine_rows
 
     cos = cosine_rows(np.load(a), np.load(b))
     return {"min": float(cos.min()), "median": float(np.median(cos)), "mean": float(cos.mean())}

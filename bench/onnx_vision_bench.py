@@ -29,7 +29,7 @@ import torch
 
 
 def _tiny(out: Path) -> Path:
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     build_tiny(out, TinyOptions(steps=0))
     return out
@@ -39,8 +39,8 @@ def _resize_vit(src: Path, out: Path, width: int, layers: int) -> Path:
     """Copy `src` with its vision tower replaced by a random one of the given width / depth."""
     from safetensors.torch import save_file
 
-    from r1v_quant.model import R1VModel
-    from r1v_quant.spec import load_spec
+    from r1v_quant.model.reference import R1VModel
+    from r1v_quant.model.spec import load_spec
 
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     cfg = json.loads((out / "config.json").read_text())
@@ -72,7 +72,7 @@ def _time(fn: Callable[[], np.ndarray], repeats: int) -> tuple[list[float], np.n
 def _mmproj_backends(model: Path, tmp: Path, threads: int, tiles_pil: list) -> dict[str, Callable]:
     try:
         from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf
-        from r1v_quant.exporters.mtmd_runtime import MtmdVision, import_mtmd
+        from r1v_quant.runtime.mtmd import MtmdVision, import_mtmd
 
         import_mtmd()
     except Exception as e:  # missing module, missing llama-cpp-python, or its shared library
@@ -90,10 +90,10 @@ def _mmproj_backends(model: Path, tmp: Path, threads: int, tiles_pil: list) -> d
 def run(model: Path, tmp: Path, tiles: int, repeats: int, threads: int, mmproj: bool) -> dict[str, Any]:
     from PIL import Image
 
-    from r1v_quant.checkpoint import open_checkpoint
-    from r1v_quant.exporters.onnx_runner import OnnxVisionEncoder
     from r1v_quant.exporters.onnx_vision import compare, export_onnx, load_vision
-    from r1v_quant.preprocess import to_tensor
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.preprocess import to_tensor
+    from r1v_quant.runtime.onnx import OnnxVisionEncoder
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

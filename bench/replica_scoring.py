@@ -1,5 +1,5 @@
 """What the quality benchmarks share: the model they measure (a given checkpoint, else a freshly built tiny
-replica) and KL divergence against the 16-bit model per held-out window kind (r1v_quant.evalset).
+replica) and KL divergence against the 16-bit model per held-out window kind (r1v_quant.data.evalset).
 
 Imported by the scripts beside it (`python bench/NAME.py` puts this folder on sys.path).
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.evalset import Window, heldout_windows, window_logits
-from r1v_quant.metrics import kld_summary, token_kld
-from r1v_quant.model import R1VModel
+from r1v_quant.data.evalset import Window, heldout_windows, window_logits
+from r1v_quant.evaluate.metrics import kld_summary, token_kld
+from r1v_quant.model.reference import R1VModel
 
 KINDS = ("text", "image")
 
@@ -21,7 +21,7 @@ def model_or_tiny(model: Path | None, tmp: Path) -> Path:
     """`model`, or the tiny replica built under `tmp` when none is given (a benchmark needs no download)."""
     if model is not None:
         return model
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     build_tiny(tmp / "tiny", TinyOptions())
     return tmp / "tiny"

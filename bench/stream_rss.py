@@ -20,8 +20,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import psutil, torch
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.llm import Qwen2Layer, rope_cos_sin
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.llm import Qwen2Layer, rope_cos_sin
 proc = psutil.Process()
 ckpt = open_checkpoint(sys.argv[1])
 m = ckpt.spec.llm
@@ -56,7 +56,7 @@ print(json.dumps({"layers": m.num_layers, "bytes": ckpt.total_bytes(), "base": b
 
 
 def build(out: Path, layers: int, hidden: int, ffn: int) -> Path:
-    from r1v_quant.tiny import tiny_config, write_random_checkpoint
+    from r1v_quant.replica.build import tiny_config, write_random_checkpoint
 
     cfg = tiny_config("r1v", "layernorm", vocab_size=4096, bos=0, eos=1, llm_layers=layers)
     cfg["llm_config"].update(

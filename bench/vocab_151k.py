@@ -44,10 +44,10 @@ step, model, samples, seq_len = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 import gguf, torch  # noqa: F401  (library imports are the baseline, not the step)
 from r1v_quant.calibration.pipeline import prepare
 from r1v_quant.exporters.gguf_vocab import add_vocab, load_vocab
-from r1v_quant.exporters.gguf_common import write_header
-from r1v_quant.qwen2_vocab import load_ranks, write_qwen2_tokenizer
-from r1v_quant.spec import load_spec
-from r1v_quant.tokenizer import R1VTokenizer
+from r1v_quant.runtime.gguf_lib import write_header
+from r1v_quant.model.qwen2_vocab import load_ranks, write_qwen2_tokenizer
+from r1v_quant.model.spec import load_spec
+from r1v_quant.model.tokenizer import R1VTokenizer
 base = rss()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
@@ -95,8 +95,8 @@ def main() -> None:
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from bench.results_io import write_result
-    from r1v_quant.qwen2_vocab import install_qwen2_vocab
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.model.qwen2_vocab import install_qwen2_vocab
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     res: dict[str, Any] = {"samples": a.samples, "seq_len": a.seq_len}
     with tempfile.TemporaryDirectory() as d:

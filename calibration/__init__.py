@@ -6,14 +6,14 @@ Installed as `r1v_quant.calibration`. What quantizers call:
   prepare(...) + iter_layers(...) -> one LayerCapture per decoder layer (layer, inputs, outputs, stats)
 """
 
-from .capture import LayerCapture, iter_layers, load_decoder_layer
-from .dataset import CalibrationSet, Sample, Turn, write_set
-from .default_set import build_default_set
-from .loaders import load_set
-from .pipeline import Prepared, calibrate, prepare
-from .render import MODALITIES, CalibrationWarning, RenderedSample, Renderer
-from .stats import LINEAR_GROUPS, CalibrationStats, LayerStats
-from .store import ActivationStore, parse_size
+from r1v_quant.calibration.capture import LayerCapture, iter_layers, load_decoder_layer
+from r1v_quant.calibration.dataset import CalibrationSet, Sample, Turn, write_set
+from r1v_quant.calibration.default_set import build_default_set
+from r1v_quant.calibration.loaders import load_set
+from r1v_quant.calibration.pipeline import Prepared, calibrate, prepare
+from r1v_quant.calibration.render import MODALITIES, CalibrationWarning, RenderedSample, Renderer
+from r1v_quant.calibration.stats import LINEAR_GROUPS, CalibrationStats, LayerStats
+from r1v_quant.calibration.store import ActivationStore, parse_size
 
 __all__ = [
     "LINEAR_GROUPS",

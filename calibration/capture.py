@@ -24,15 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from r1v_quant.checkpoint import Checkpoint
-from r1v_quant.llm import Qwen2Layer, rope_cos_sin
-from r1v_quant.norms import RMSNorm
-from r1v_quant.vision import Projector, VisionEmbeddings, VisionLayer, pixel_shuffle
-
-from .dataset import CalibrationSet
-from .render import MODALITIES, RenderedSample, Renderer
-from .stats import LayerStats
-from .store import ActivationList, ActivationStore
+from r1v_quant.calibration.dataset import CalibrationSet
+from r1v_quant.calibration.render import MODALITIES, RenderedSample, Renderer
+from r1v_quant.calibration.stats import LayerStats
+from r1v_quant.calibration.store import ActivationList, ActivationStore
+from r1v_quant.model.checkpoint import Checkpoint
+from r1v_quant.model.llm import Qwen2Layer, rope_cos_sin
+from r1v_quant.model.norms import RMSNorm
+from r1v_quant.model.vision import Projector, VisionEmbeddings, VisionLayer, pixel_shuffle
 
 EMBED_NAME = "language_model.model.embed_tokens.weight"
 FINAL_NORM = "language_model.model.norm"

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.atomic import atomic_dir
-from r1v_quant.errors import R1VError
-from r1v_quant.prompts import IMAGE_PLACEHOLDER
+from r1v_quant.model.prompts import IMAGE_PLACEHOLDER
+from r1v_quant.util.atomic import atomic_dir
+from r1v_quant.util.errors import R1VError
 
 MANIFEST_NAME = "manifest.jsonl"
 HASH_VERSION = "r1v-quant-calibration-set/1"

@@ -21,11 +21,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from r1v_quant.errors import R1VError
-from r1v_quant.preprocess import find_grid
-from r1v_quant.synthdata import text_problems
-
-from .dataset import CalibrationSet, Sample, Turn
+from r1v_quant.calibration.dataset import CalibrationSet, Sample, Turn
+from r1v_quant.data.synthdata import text_problems
+from r1v_quant.model.preprocess import find_grid
+from r1v_quant.util.errors import R1VError
 
 TokenCounter = Callable[[str], int]
 TOKENS_PER_TILE = 256

@@ -4,7 +4,7 @@ under the activation budget, free disk, FLOPs and an estimated wall time — all
 Inputs are cheap: the checkpoint's spec and the rendered samples (token count, tiles, response tokens per
 sample, known after `prepare`). Every memory term is bytes = (count from the geometry) x (bytes per
 element), derived from the code it describes (capture.py, sensitivity.py, awq.py, awq_export.py) and
-documented beside it, like r1v_quant/memory_model.py.
+documented beside it, like r1v_quant/plan/memory_model.py.
 
 Cached activations (calibration/store.py's ActivationStore) are not estimated but replayed: `_StoreReplay`
 performs the jobs' exact sequence of put / delete / drop / rename calls with the tensors' byte sizes and
@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.artifact import Geometry
-from r1v_quant.awq import AWQConfig
-from r1v_quant.errors import R1VError
-from r1v_quant.memory_model import TORCH_CPU_BASE, MiB, Term, peaks, torch_prefill_activations
-from r1v_quant.outputs import human_bytes
-from r1v_quant.roofline import vision_flops_per_tile
-from r1v_quant.spec import ModelSpec
+from r1v_quant.model.arch import DECODER_GROUPS
+from r1v_quant.model.artifact import Geometry
+from r1v_quant.model.spec import ModelSpec
+from r1v_quant.plan.memory_model import TORCH_CPU_BASE, MiB, Term, peaks, torch_prefill_activations
+from r1v_quant.plan.roofline import vision_flops_per_tile
+from r1v_quant.quant.awq_search import AWQConfig
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.outputs import human_bytes
 
 # -- the constants that are not derived from the model ------------------------------------------------------
 # Memory the auto budget leaves free: estimation error of the working-set terms, allocator fragmentation
@@ -392,11 +393,7 @@ def _search_terms(
     )
     # _search_scales keeps `originals`, their concatenation and |w| of the group (3 copies), and scores
     # a candidate by fake-quantizing one linear at a time (w*s, its codes, dequantized, /s: ~4 copies)
-    groups = {
-        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-        "up_down": ("mlp.down_proj",),
-    }
+    groups = {grp.scale: grp.linears for grp in DECODER_GROUPS}
     scale = (
         max(
             3 * sum(math.prod(lin[n]) for n in ns) + 4 * max(math.prod(lin[n]) for n in ns)
@@ -660,7 +657,7 @@ def free_disk(path: Path | str) -> tuple[Path, int | None]:
 
 def measure_cpu_gflops() -> float:
     """fp32 GEMM rate of this machine (r1v_quant/roofline.measure_matmul, kept well under a second)."""
-    from r1v_quant.roofline import measure_matmul
+    from r1v_quant.plan.roofline import measure_matmul
 
     return float(measure_matmul(n=1024, repeats=3)["fp32_gflops"])
 
@@ -831,14 +828,14 @@ def check_plan(plan: JobPlan) -> None:
 
 def shapes_of(rendered: Sequence[Any]) -> list[SampleShape]:
     """SampleShape of each calibration.render.RenderedSample."""
-    from .render import RESPONSE
+    from r1v_quant.calibration.render import RESPONSE
 
     return [SampleShape(r.length, sum(r.tiles), r.count(RESPONSE)) for r in rendered]
 
 
 def stored_bytes(ckpt: Any) -> int:
     """Bytes per element of the checkpoint's 16-bit tensors (those the jobs load and cast)."""
-    from .capture import EMBED_NAME
+    from r1v_quant.calibration.capture import EMBED_NAME
 
     try:
         return BYTES.get(str(ckpt.info(EMBED_NAME).dtype), 2)
@@ -859,7 +856,7 @@ def plan_job(
     group_size: int = 128,
 ) -> JobPlan:
     """The plan for a prepared job (samples rendered, nothing heavy done yet)."""
-    from .sensitivity import sensitivity_subset
+    from r1v_quant.calibration.sensitivity import sensitivity_subset
 
     subset = sensitivity_subset([r.modality for r in prep.rendered]) if sensitivity else None
     return make_plan(

@@ -22,11 +22,17 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.errors import R1VError
-
-from .dataset import CalibrationSet, Sample, Turn, merge_sets, read_jsonl_samples, sample_from_json
-from .default_set import build_default_set
-from .render import CalibrationWarning
+from r1v_quant.calibration.dataset import (
+    CalibrationSet,
+    Sample,
+    Turn,
+    merge_sets,
+    read_jsonl_samples,
+    sample_from_json,
+)
+from r1v_quant.calibration.default_set import build_default_set
+from r1v_quant.calibration.render import CalibrationWarning
+from r1v_quant.util.errors import R1VError
 
 OPTION_COLUMNS = ("A", "B", "C", "D", "E", "F", "G", "H")
 CHARS_PER_TOKEN = 3  # plain text is chunked to about seq_len tokens by this estimate

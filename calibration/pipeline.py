@@ -19,26 +19,25 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from r1v_quant.atomic import atomic_dir, check_output_dir
-from r1v_quant.checkpoint import Checkpoint, open_checkpoint
-from r1v_quant.device import resolve_device
-from r1v_quant.errors import R1VError
-from r1v_quant.outputs import claim_output
-
-from .capture import iter_layers
-from .dataset import CalibrationSet
-from .job_plan import JobPlan, check_plan, peak_rss_bytes, plan_job
-from .loaders import load_set
-from .render import MODALITIES, RenderedSample, Renderer
-from .sensitivity import (
+from r1v_quant.calibration.capture import iter_layers
+from r1v_quant.calibration.dataset import CalibrationSet
+from r1v_quant.calibration.job_plan import JobPlan, check_plan, peak_rss_bytes, plan_job
+from r1v_quant.calibration.loaders import load_set
+from r1v_quant.calibration.render import MODALITIES, RenderedSample, Renderer
+from r1v_quant.calibration.sensitivity import (
     SENSITIVITY_FILE,
     Sensitivity,
     measure_sensitivity,
     read_sensitivity,
     write_sensitivity,
 )
-from .stats import FORMAT, LINEAR_GROUPS, STATS_FILE
-from .store import ActivationStore, parse_max_memory
+from r1v_quant.calibration.stats import FORMAT, LINEAR_GROUPS, STATS_FILE
+from r1v_quant.calibration.store import ActivationStore, parse_max_memory
+from r1v_quant.model.checkpoint import Checkpoint, open_checkpoint
+from r1v_quant.util.atomic import atomic_dir, check_output_dir
+from r1v_quant.util.device import resolve_device
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.outputs import claim_output
 
 REPORT_FILE = "report.json"
 MANIFEST_COPY = "set_manifest.jsonl"
@@ -109,7 +108,8 @@ def calibrate(
 
     `max_memory`: "auto" (fit to this machine, job_plan.py), a size, or None / "none" (no budget). The
     plan (peak RAM, spill, FLOPs) is made after the samples are rendered and before any forward pass; a
-    run that cannot fit memory or disk is refused there. `device`: auto | cpu | cuda (r1v_quant/device.py),
+    run that cannot fit memory or disk is refused there. `device`: auto | cpu | cuda
+    (r1v_quant/util/device.py),
     where the vision tower, the capture and the sensitivity pass run; activations stay in host RAM / spill."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # fail before minutes of work, not after

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.errors import R1VError
-from r1v_quant.preprocess import PreprocessedImage, expand_image_placeholders, preprocess_for_spec
-from r1v_quant.prompts import IMAGE_PLACEHOLDER, build_prompt
-from r1v_quant.spec import ModelSpec
-from r1v_quant.tokenizer import R1VTokenizer
-
-from .dataset import CalibrationSet, Sample
+from r1v_quant.calibration.dataset import CalibrationSet, Sample
+from r1v_quant.model.preprocess import PreprocessedImage, expand_image_placeholders, preprocess_for_spec
+from r1v_quant.model.prompts import IMAGE_PLACEHOLDER, build_prompt
+from r1v_quant.model.spec import ModelSpec
+from r1v_quant.model.tokenizer import R1VTokenizer
+from r1v_quant.util.errors import R1VError
 
 VISION, PROMPT, RESPONSE = 0, 1, 2
 MODALITIES = ("vision", "prompt", "response")  # index = code in RenderedSample.modality

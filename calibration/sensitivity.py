@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
-from r1v_quant.atomic import write_text_atomic
-from r1v_quant.awq import language_vision_sensitivity, screen_samples
-from r1v_quant.errors import R1VError
-
-from .render import MODALITIES
+from r1v_quant.calibration.render import MODALITIES
+from r1v_quant.quant.awq_search import language_vision_sensitivity, screen_samples
+from r1v_quant.util.atomic import write_text_atomic
+from r1v_quant.util.errors import R1VError
 
 SENSITIVITY_SAMPLES = 8  # calibration samples whose answer-loss gradients weigh the modalities
 SENSITIVITY_FILE = "sensitivity.json"
@@ -108,7 +107,7 @@ def measure_sensitivity(
 ) -> Sensitivity:
     """Measure on the fixed subset of `prep`'s rendered samples (one layer resident, as `iter_layers`),
     computed on `device` (the cached activations stay in the host-side `store`)."""
-    from .capture import layer_sensitivity
+    from r1v_quant.calibration.capture import layer_sensitivity
 
     picked = sensitivity_subset([r.modality for r in prep.rendered])
     subset = [prep.rendered[j] for j in picked]

@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from r1v_quant.errors import R1VError
-from r1v_quant.finite import check_finite
-
-from .render import MODALITIES
+from r1v_quant.calibration.render import MODALITIES
+from r1v_quant.model.arch import DECODER_GROUPS
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.finite import check_finite
 
 STATS_FILE = "stats.safetensors"
 FORMAT = "r1v-quant-calibration-stats/1"
@@ -33,10 +33,7 @@ ALL = "all"
 
 # input group -> (module whose input is recorded, linears that read that same input)
 LINEAR_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "qkv": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "o_proj": ("self_attn.o_proj", ("self_attn.o_proj",)),
-    "gate_up": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    "down_proj": ("mlp.down_proj", ("mlp.down_proj",)),
+    g.name: (g.recorded, g.linears) for g in DECODER_GROUPS
 }
 GROUP_OF_LINEAR = {lin: g for g, (_, lins) in LINEAR_GROUPS.items() for lin in lins}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from r1v_quant.errors import R1VError
+from r1v_quant.util.errors import R1VError
 
 _UNITS = {
     "": 1,

@@ -1,8 +1,9 @@
 """`r1v-quant awq`: calibrate, search and pack the language model, layer by layer, into an AutoAWQ checkpoint.
 
 Data flow: calibration.prepare/iter_layers (one decoder layer resident, activations under --max-memory)
--> r1v_quant.awq.quantize_layer (the math); the vision tower, the capture, the sensitivity pass and the
-search all run on --device (r1v_quant/device.py), the cached activations stay host-side
+-> r1v_quant.quant.awq_search.quantize_layer (the math); the vision tower, the capture, the sensitivity
+pass and the
+search all run on --device (r1v_quant/util/device.py), the cached activations stay host-side
 -> one packed safetensors file per finished layer in a work directory (that is what --resume continues
 from) -> final checkpoint assembled with the 16-bit vision tower, mlp1, embeddings, lm_head and norms,
 config.json with quantization_config, the source's tokenizer, template, preprocessor and remote-code
@@ -27,8 +28,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from r1v_quant import __version__
-from r1v_quant.atomic import atomic_dir, atomic_file, check_output_dir
-from r1v_quant.awq import (
+from r1v_quant.model.awq_layout import pack_awq, unpack_awq
+from r1v_quant.model.card import CARD_NAME, awq_card, write_card
+from r1v_quant.model.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
+from r1v_quant.model.groupwise import check_group
+from r1v_quant.model.spec import LLM_PREFIX
+from r1v_quant.quant.awq_search import (
     INPUT_OF,
     LINEARS,
     AWQConfig,
@@ -37,13 +42,9 @@ from r1v_quant.awq import (
     apply_quantized,
     quantize_layer,
 )
-from r1v_quant.awq_format import pack_awq, unpack_awq
-from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
-from r1v_quant.errors import R1VError
-from r1v_quant.model_card import CARD_NAME, awq_card, write_card
-from r1v_quant.outputs import claim_output
-from r1v_quant.quant import check_group
-from r1v_quant.spec import LLM_PREFIX
+from r1v_quant.util.atomic import atomic_dir, atomic_file, check_output_dir
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.outputs import claim_output
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 MODULES_TO_NOT_CONVERT = ["vision_model", "mlp1", "lm_head"]
@@ -144,7 +145,7 @@ def quantize_awq(
 ) -> dict[str, Any]:
     """Run the whole AWQ job; returns the quant report. `on_layer(i, fake_quant_layer)` is for tests.
 
-    The output is owned by this run (r1v_quant.outputs.claim_output) from the first check on, so a second
+    The output is owned by this run (r1v_quant.util.outputs.claim_output) from the first check on, so a second
     run into it fails at once; every option is checked before the work folder is made, and a run that
     fails before any layer is finished removes its work folder again (a finished layer is kept for
     `--resume`).
@@ -174,7 +175,7 @@ def _quantize_awq(
     from r1v_quant.calibration.job_plan import check_plan, plan_job
     from r1v_quant.calibration.pipeline import show_plan
     from r1v_quant.calibration.store import parse_max_memory
-    from r1v_quant.device import resolve_device  # shared with calibrate, eval, chat
+    from r1v_quant.util.device import resolve_device  # shared with calibrate, eval, chat
 
     t0 = time.perf_counter()
     check_output_dir(out)  # again, now that this run owns the name

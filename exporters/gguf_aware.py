@@ -42,16 +42,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v_quant.awq import MODALITY_MODES as AWQ_MODALITY_MODES
 from r1v_quant.calibration.render import MODALITIES, VISION
 from r1v_quant.calibration.stats import CalibrationStats
-from r1v_quant.checkpoint import Checkpoint
-from r1v_quant.errors import R1VError
-from r1v_quant.spec import LLM_PREFIX, ModelSpec
-
-from .gguf_common import import_gguf
-from .gguf_imatrix import Imatrix
-from .quantize import import_llama_cpp
+from r1v_quant.exporters.gguf_imatrix import Imatrix
+from r1v_quant.exporters.quantize import import_llama_cpp
+from r1v_quant.model.arch import DECODER_GROUPS
+from r1v_quant.model.checkpoint import Checkpoint
+from r1v_quant.model.spec import LLM_PREFIX, ModelSpec
+from r1v_quant.model.storage import FILE_TYPES
+from r1v_quant.quant.awq_search import MODALITY_MODES as AWQ_MODALITY_MODES
+from r1v_quant.runtime.gguf_lib import import_gguf
+from r1v_quant.util.errors import R1VError
 
 
 @dataclass(frozen=True)
@@ -62,32 +63,14 @@ class FoldGroup:
     linears: tuple[str, ...]  # consumers: their input columns are multiplied by s
 
 
-FOLD_GROUPS = (
-    FoldGroup("attn_in", "qkv", "input_layernorm",
-              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    FoldGroup("v_o", "o_proj", "self_attn.v_proj", ("self_attn.o_proj",)),
-    FoldGroup("mlp_in", "gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    FoldGroup("up_down", "down_proj", "mlp.up_proj", ("mlp.down_proj",)),
-)  # fmt: skip
+FOLD_GROUPS = tuple(FoldGroup(g.scale, g.name, g.prev, g.linears) for g in DECODER_GROUPS)
 LINEARS = tuple(lin for g in FOLD_GROUPS for lin in g.linears)
 
 # --type -> (block type most weights get, activation block llama.cpp's CPU matmul rounds to int8 per block:
 # Q8_0 blocks of 32 for the legacy types and IQ4_NL, Q8_K blocks of 256 for the K-quants and IQ4_XS).
 # 16-bit outputs are scored for Q4_K, the usual `llama-quantize` target of a folded F16 file.
 PROXY_TYPES: dict[str, tuple[str, int]] = {
-    "Q2_K": ("Q2_K", 256),
-    "Q3_K_S": ("Q3_K", 256),
-    "Q3_K_M": ("Q3_K", 256),
-    "Q3_K_L": ("Q3_K", 256),
-    "Q4_K_S": ("Q4_K", 256),
-    "Q4_K_M": ("Q4_K", 256),
-    "Q5_K_S": ("Q5_K", 256),
-    "Q5_K_M": ("Q5_K", 256),
-    "Q6_K": ("Q6_K", 256),
-    "IQ4_NL": ("IQ4_NL", 32),
-    "IQ4_XS": ("IQ4_XS", 256),
-    "Q4_0": ("Q4_0", 32),
-    "Q8_0": ("Q8_0", 32),
+    n: (t.base, t.act_block) for n, t in FILE_TYPES.items() if t.act_block
 }
 DEFAULT_PROXY = ("Q4_K", 256)
 MODALITY_MODES = AWQ_MODALITY_MODES  # auto, uniform, text, balanced: the same names and meanings as `awq`

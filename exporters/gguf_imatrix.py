@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from r1v_quant.atomic import atomic_file
-from r1v_quant.errors import R1VError
-
-from .gguf_common import import_gguf
-from .quantize import set_default_mode
+from r1v_quant.exporters.quantize import set_default_mode
+from r1v_quant.runtime.gguf_lib import import_gguf
+from r1v_quant.util.atomic import atomic_file
+from r1v_quant.util.errors import R1VError
 
 IMATRIX_TYPE = "imatrix"
 KEY_DATASETS = "imatrix.datasets"

@@ -33,13 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from r1v_quant.checkpoint import Checkpoint, open_checkpoint
-from r1v_quant.errors import R1VError, os_error
-from r1v_quant.hub import model_name
-from r1v_quant.outputs import require_free_space
-from r1v_quant.spec import LLM_PREFIX, ModelSpec, read_config
-
-from .gguf_aware import (
+from r1v_quant.exporters.gguf_aware import (
     AWARE_KEY,
     CALIB_KEY,
     MODALITY_MODES,
@@ -48,18 +42,9 @@ from .gguf_aware import (
     load_calibration,
     plan_aware,
 )
-from .gguf_common import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
-from .gguf_common import (
-    add_general_metadata,
-    add_tensor_infos,
-    import_gguf,
-    quantize_rows,
-    tensor_nbytes,
-    write_header,
-)
-from .gguf_imatrix import write_imatrix_gguf
-from .gguf_vocab import add_vocab, load_vocab
-from .quantize import (
+from r1v_quant.exporters.gguf_imatrix import write_imatrix_gguf
+from r1v_quant.exporters.gguf_vocab import add_vocab, load_vocab
+from r1v_quant.exporters.quantize import (
     IMATRIX_PURE_TYPES,
     LLAMA_TYPES,
     PYTHON_TYPES,
@@ -68,26 +53,27 @@ from .quantize import (
     normalize_type,
     set_default_mode,
 )
+from r1v_quant.model.arch import LLM_GGUF_GLOBAL, LLM_GGUF_LAYER
+from r1v_quant.model.checkpoint import Checkpoint, open_checkpoint
+from r1v_quant.model.spec import LLM_PREFIX, ModelSpec, read_config
+from r1v_quant.runtime.gguf_lib import ROW_BLOCK_BYTES as COMMON_ROW_BLOCK_BYTES
+from r1v_quant.runtime.gguf_lib import (
+    add_general_metadata,
+    add_tensor_infos,
+    import_gguf,
+    quantize_rows,
+    tensor_nbytes,
+    write_header,
+)
+from r1v_quant.util.errors import R1VError, os_error
+from r1v_quant.util.hub import model_name
+from r1v_quant.util.outputs import require_free_space
 
 FLAVOR_KEY = "r1v_quant.flavor"
 LM_PREFIX = "language_model."
 # HF name (prefix stripped) -> gguf MODEL_TENSOR member name; per-layer names take the layer index.
-GLOBAL_TENSORS = {
-    "model.embed_tokens": "TOKEN_EMBD",
-    "model.norm": "OUTPUT_NORM",
-    "lm_head": "OUTPUT",
-}
-LAYER_TENSORS = {
-    "input_layernorm": "ATTN_NORM",
-    "self_attn.q_proj": "ATTN_Q",
-    "self_attn.k_proj": "ATTN_K",
-    "self_attn.v_proj": "ATTN_V",
-    "self_attn.o_proj": "ATTN_OUT",
-    "post_attention_layernorm": "FFN_NORM",
-    "mlp.gate_proj": "FFN_GATE",
-    "mlp.up_proj": "FFN_UP",
-    "mlp.down_proj": "FFN_DOWN",
-}
+GLOBAL_TENSORS = LLM_GGUF_GLOBAL
+LAYER_TENSORS = LLM_GGUF_LAYER
 # Non-persistent buffers some exports carry; llama.cpp computes RoPE itself.
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -506,9 +492,8 @@ def check_free_space(
 ) -> None:
     """Refuse up front when the output, the caller's `extra_bytes` beside it (the mmproj) and, for K-quants,
     the 16-bit intermediate cannot fit (locations on one file system counted together)."""
-    from r1v_quant.formats import GGML_BITS
-
-    from .gguf_aware import PROXY_TYPES
+    from r1v_quant.exporters.gguf_aware import PROXY_TYPES
+    from r1v_quant.model.storage import GGML_BITS
 
     src_bytes = sum(t.nbytes for t in plan_tensors(ckpt, src_type if src_type in PYTHON_TYPES else "F16"))
     if python_path:

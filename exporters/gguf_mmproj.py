@@ -14,7 +14,8 @@ Two things differ from a plain conversion, because llama.cpp's InternVL graph is
   reference (`detect_position_order`). Without llama-cpp-python, auto falls back to "shift" (the behaviour
   of every llama.cpp with InternVL support up to the one vendored by llama-cpp-python 0.3.36), with a
   warning. CLS never reaches the output (llama.cpp drops it before the pixel shuffle, as InternVL does).
-* tiling. llama.cpp picks a different grid for non-square images; `mtmd_runtime` feeds InternVL's tiles.
+* tiling. llama.cpp picks a different grid for non-square images; `r1v_quant.runtime.mtmd` feeds InternVL's
+tiles.
 
 Quantization fallback: a 2-D weight whose row length the block size does not divide is written in F16 with
 a warning (llama.cpp's converter does the same); with `strict=True` it raises R1VError instead. For the
@@ -41,15 +42,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from r1v_quant.atomic import atomic_file
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.errors import R1VError
-from r1v_quant.hub import model_name
-from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_tensor
-from r1v_quant.signals import deferred_interrupt
-from r1v_quant.spec import VIT_PREFIX, ModelSpec, parse_config
-
-from .gguf_common import (
+from r1v_quant.model.arch import VISION_GGUF_LAYER, VISION_QKV_PARTS
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from r1v_quant.model.spec import VIT_PREFIX, ModelSpec, parse_config
+from r1v_quant.model.storage import FILE_TYPES, MMPROJ_FILE_TYPES
+from r1v_quant.runtime.gguf_lib import (
     add_general_metadata,
     add_tensor_infos,
     import_gguf,
@@ -57,33 +55,22 @@ from .gguf_common import (
     tensor_nbytes,
     write_header,
 )
+from r1v_quant.util.atomic import atomic_file
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.hub import model_name
+from r1v_quant.util.signals import deferred_interrupt
 
 log = logging.getLogger(__name__)
 
-MMPROJ_TYPES: dict[str, str] = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
+MMPROJ_TYPES: dict[str, str] = {n: FILE_TYPES[n].ftype for n in MMPROJ_FILE_TYPES}
 POSITION_FIXES = ("auto", "shift", "none")
 POSITION_KEY = "r1v_quant.position_fix"
 TILING_KEYS = {k: f"r1v_quant.{k}" for k in ("use_thumbnail", "dynamic_image_size", "ps_version")}
 
 EMB = "vision_model.embeddings"
 # checkpoint suffix under a ViT layer -> GGUF suffix under v.blk.N (qkv is handled apart: it splits)
-LAYER_TENSORS: dict[str, str] = {
-    "attn.q_norm.weight": "attn_q_norm.weight",
-    "attn.k_norm.weight": "attn_k_norm.weight",
-    "attn.proj.weight": "attn_out.weight",
-    "attn.proj.bias": "attn_out.bias",
-    "norm1.weight": "ln1.weight",
-    "norm1.bias": "ln1.bias",
-    "norm2.weight": "ln2.weight",
-    "norm2.bias": "ln2.bias",
-    "mlp.fc1.weight": "ffn_up.weight",
-    "mlp.fc1.bias": "ffn_up.bias",
-    "mlp.fc2.weight": "ffn_down.weight",
-    "mlp.fc2.bias": "ffn_down.bias",
-    "ls1": "ls1.weight",
-    "ls2": "ls2.weight",
-}
-QKV_PARTS = ("attn_q", "attn_k", "attn_v")
+LAYER_TENSORS = VISION_GGUF_LAYER
+QKV_PARTS = VISION_QKV_PARTS
 
 
 def normalize_mmproj_type(mmproj_type: str) -> str:
@@ -298,8 +285,8 @@ def export_mmproj_gguf(
     if spec.ps_version != "v2":
         # llama.cpp has only the v2 pixel shuffle; v1 transposes the token grid of every tile.
         log.warning(
-            "ps_version %r: llama.cpp's graph orders tokens as v2; use mtmd_runtime (which reorders) "
-            "or expect transposed image tokens in llama.cpp",
+            "ps_version %r: llama.cpp's graph orders tokens as v2; use r1v-quant's libmtmd runtime "
+            "(which reorders) or expect transposed image tokens in llama.cpp",
             spec.ps_version,
         )
     plan, fallback = plan_mmproj(spec, mmproj_type, strict=strict)
@@ -380,7 +367,7 @@ PROBE_CONFIG: dict[str, Any] = {
 
 
 def _probe_model(seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    from r1v_quant.vision import Projector, VisionModel
+    from r1v_quant.model.vision import Projector, VisionModel
 
     spec = parse_config(PROBE_CONFIG)
     g = torch.Generator().manual_seed(seed)
@@ -398,7 +385,7 @@ def _probe_model(seed: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
 
 
 def _reference(spec: ModelSpec, state: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
-    from r1v_quant.vision import Projector, VisionModel, extract_feature
+    from r1v_quant.model.vision import Projector, VisionModel, extract_feature
 
     vm, mlp1 = VisionModel(spec.vision), Projector(spec.projector_in, spec.llm.hidden_size)
     vm.load_state_dict(
@@ -417,7 +404,7 @@ def detect_position_order(seed: int = 0) -> dict[str, Any]:
     on one random tile; its output is compared with the torch reference in InternVL's order and with the
     reference whose table is rotated the way a CLS-last graph reads it. Cached per process.
     """
-    from .mtmd_runtime import MtmdVision, cosine_rows, import_mtmd
+    from r1v_quant.runtime.mtmd import MtmdVision, cosine_rows, import_mtmd
 
     llama_cpp, _ = import_mtmd()
     spec, state = _probe_model(seed)

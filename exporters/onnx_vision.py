@@ -9,7 +9,7 @@ float32, with a dynamic tile axis. Only `vision_model.*` and `mlp1.*` are read f
     preprocessing.json   everything another runtime needs to build `pixel_values` and the prompt
     onnx_export.json     the export report (variant, sizes, versions, verification against torch)
 
-The runner is `r1v_quant.exporters.onnx_runner.OnnxVisionEncoder`; the CLI command is in onnx_cli.
+The runner is `r1v_quant.runtime.onnx.OnnxVisionEncoder`; the CLI command is in r1v_quant.cli.onnx.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from r1v_quant import __version__
-from r1v_quant.atomic import atomic_dir, check_output_dir
-from r1v_quant.checkpoint import Checkpoint, open_checkpoint
-from r1v_quant.errors import R1VError
-from r1v_quant.outputs import claim_output
-from r1v_quant.preprocess import IMAGE_TAG, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START
-from r1v_quant.spec import ModelSpec
-from r1v_quant.vision import Projector, VisionModel, extract_feature
+from r1v_quant.model.checkpoint import Checkpoint, open_checkpoint
+from r1v_quant.model.preprocess import IMAGE_TAG, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START
+from r1v_quant.model.spec import ModelSpec
+from r1v_quant.model.vision import Projector, VisionModel, extract_feature
+from r1v_quant.util.atomic import atomic_dir, check_output_dir
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.outputs import claim_output
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
@@ -97,7 +97,7 @@ def load_vision(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> VisionE
 
 
 def preprocessing_config(spec: ModelSpec) -> dict[str, Any]:
-    """preprocessing.json: the exact InternVL pipeline (r1v_quant.preprocess) written down as data."""
+    """preprocessing.json: the exact InternVL pipeline (r1v_quant.model.preprocess) written down as data."""
     s = spec.force_image_size
     tokens = spec.tokens
     return {
@@ -154,7 +154,7 @@ def preprocessing_config(spec: ModelSpec) -> dict[str, Any]:
             },
             "merge": f"image_embeds rows, tile-major, replace the {IMG_CONTEXT} token embeddings in order",
         },
-        "reference": "r1v_quant.preprocess.preprocess_image",
+        "reference": "r1v_quant.model.preprocess.preprocess_image",
     }
 
 
@@ -177,7 +177,7 @@ def export_onnx(
     cannot hold 2 GB); True / False force it. `int8` applies onnxruntime's dynamic quantization to the fp32
     graph. `verify` runs two tiles through torch and onnxruntime (CPU) and records the difference.
     `finish(folder, report)` adds files (the model card) to the folder before it appears under its name.
-    OUT_DIR is owned by this run (r1v_quant.outputs.claim_output): a second run into it fails at once.
+    OUT_DIR is owned by this run (r1v_quant.util.outputs.claim_output): a second run into it fails at once.
     """
     t0 = time.perf_counter()
     _import_onnx()  # a missing extra is reported before anything else
@@ -231,7 +231,7 @@ def _export_onnx(
         gc.collect()
         verification = None
         if ref is not None:
-            from .onnx_runner import OnnxVisionEncoder
+            from r1v_quant.runtime.onnx import OnnxVisionEncoder
 
             enc = OnnxVisionEncoder(tmp, provider="cpu")
             verification = {

@@ -17,40 +17,27 @@ from typing import Any
 
 import numpy as np
 
-from r1v_quant.atomic import atomic_file
-from r1v_quant.errors import R1VError
-from r1v_quant.signals import die_with_parent, run_child
+from r1v_quant.model.storage import FILE_TYPES
+from r1v_quant.util.atomic import atomic_file
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.signals import die_with_parent, run_child
 
 # Types the gguf package packs in Python: name -> (ggml type name, llama_ftype name for general.file_type).
 PYTHON_TYPES: dict[str, tuple[str, str]] = {
-    "F32": ("F32", "ALL_F32"),
-    "F16": ("F16", "MOSTLY_F16"),
-    "BF16": ("BF16", "MOSTLY_BF16"),
-    "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-    "Q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    n: (t.base, t.ftype) for n, t in FILE_TYPES.items() if t.writer == "gguf-py"
 }
 # --type name -> llama_ftype constant name in llama_cpp. Only types that need no importance matrix:
-# IQ1/IQ2/IQ3_XXS and Q2_K_S refuse to run without one (llama-quant.cpp `tensor_requires_imatrix`).
+# IQ1/IQ2/IQ3_XXS and Q2_K_S refuse to run without one (llama.cpp's `tensor_requires_imatrix`).
 LLAMA_TYPES: dict[str, str] = {
-    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
-    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
-    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
-    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
-    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    n: f"LLAMA_FTYPE_{t.ftype}" for n, t in FILE_TYPES.items() if t.writer == "llama.cpp"
 }
-
-
 GGUF_TYPES: tuple[str, ...] = (*PYTHON_TYPES, *LLAMA_TYPES)
 FULL_DISK_BYTES = 64 * 1024**2  # less free space than this after a failed quantization: the disk filled up
 # Python-packed types whose llama.cpp quantizer uses an importance matrix (Q8_0 ignores one): with an
 # imatrix they go through libllama with `pure` (every 2-D weight in the one type, like our Python packing).
-IMATRIX_PURE_TYPES: dict[str, str] = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+IMATRIX_PURE_TYPES: dict[str, str] = {
+    n: f"LLAMA_FTYPE_{t.ftype}" for n, t in FILE_TYPES.items() if t.imatrix_pure
+}
 
 
 def normalize_type(gguf_type: str) -> str:
@@ -110,7 +97,7 @@ def llama_quantize(
     libllama runs in a child process (`python -m r1v_quant.exporters.quantize`): its quantizer has no
     abort hook, and a Ctrl-C that lands in its log callback would be swallowed there, so in-process it
     could be neither interrupted nor stopped cleanly. The child is killed on Ctrl-C and dies with its
-    parent (r1v_quant.signals.run_child). The output is written under a temporary name next to `dst` and
+    parent (r1v_quant.util.signals.run_child). The output is written under a temporary name next to `dst` and
     renamed only when libllama reports success, so `dst` never holds a half-written file.
     """
     name = gguf_type.upper()

@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Modules whose code decides the replica's bytes.
 _REPLICA_SOURCES = [
-    "tiny.py", "tiny_tokenizer.py", "synthdata.py", "llm.py", "vision.py", "model.py", "spec.py",
-    "tiny_train.py", "checkpoint.py", "prompts.py", "preprocess.py", "tokenizer.py", "atomic.py", "norms.py",
+    "replica/build.py", "replica/train.py", "model/tiny_tokenizer.py", "data/synthdata.py", "model/llm.py",
+    "model/vision.py", "model/reference.py", "model/spec.py", "model/checkpoint.py", "model/prompts.py",
+    "model/preprocess.py", "model/tokenizer.py", "util/atomic.py", "model/norms.py",
 ]  # fmt: skip
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **opts: object) -> Path:
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     cache = os.environ.get("R1V_TEST_CACHE")
     if not cache:

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v_quant.awq import (
+from r1v_quant.calibration.capture import load_decoder_layer
+from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
+from r1v_quant.model.checkpoint import INDEX_NAME, open_checkpoint
+from r1v_quant.model.llm import rope_cos_sin
+from r1v_quant.model.reference import R1VModel
+from r1v_quant.quant.awq_search import (
     INPUT_OF,
     RESPONSE,
     SCALE_GROUPS,
@@ -32,12 +37,7 @@ from r1v_quant.awq import (
     screen_samples,
     token_weights,
 )
-from r1v_quant.calibration.capture import load_decoder_layer
-from r1v_quant.checkpoint import INDEX_NAME, open_checkpoint
-from r1v_quant.errors import R1VError
-from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
-from r1v_quant.llm import rope_cos_sin
-from r1v_quant.model import R1VModel
+from r1v_quant.util.errors import R1VError
 
 OPTS = AWQOptions(samples=4, seq_len=512)
 
@@ -354,7 +354,7 @@ def test_skywork_release_layout_loads(awq_run, tmp_path: Path) -> None:
     """Skywork's own AWQ releases were made with LMDeploy: `quantization_config` only inside `llm_config`,
     no `modules_to_not_convert`, architecture `InternVLChatModel`, eager attention in the LLM config
     (research/skywork-r1v-checkpoint.md §8). r1v-quant must read them as AWQ, so `check` can score them."""
-    from r1v_quant.artifact import describe_artifact, resolve_artifact
+    from r1v_quant.model.artifact import describe_artifact, resolve_artifact
 
     out, _, _ = awq_run
     theirs = tmp_path / "Skywork-R1V-38B-AWQ"
@@ -430,7 +430,7 @@ def test_nan_weight_names_the_tensor(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_disk_full_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    import r1v_quant.checkpoint as ck
+    import r1v_quant.model.checkpoint as ck
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -498,8 +498,8 @@ def test_preflight_refusals_leave_nothing(tiny_dir: Path, tmp_path: Path, monkey
 def test_awq_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.cli import Group
-    from r1v_quant.exporters.awq_cli import awq_command
+    from r1v_quant.cli.awq import awq_command
+    from r1v_quant.cli.main import Group
 
     out = tmp_path / "q"
     args = ["awq", str(tiny_dir), "--out", str(out), "--samples", "2", "--seq-len", "256", "--method", "rtn"]
@@ -511,7 +511,7 @@ def test_awq_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     assert "sensitivity" not in report["plan"]["flops"]  # plain rounding measures no sensitivity
 
 
-# -- --device: vision, capture, sensitivity and search on one device (r1v_quant/device.py) ----------------
+# -- --device: vision, capture, sensitivity and search on one device (r1v_quant/util/device.py)
 def test_awq_explicit_cpu_device_gives_identical_files(awq_run, tiny_dir: Path, tmp_path: Path) -> None:
     """The fixture ran with --device auto; on a CPU-only machine an explicit cpu gives the same bytes."""
     out_auto, report_auto, _ = awq_run
@@ -529,8 +529,8 @@ def test_awq_cli_device_cuda_without_cuda_is_one_line(
 ) -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.cli import Group
-    from r1v_quant.exporters.awq_cli import awq_command
+    from r1v_quant.cli.awq import awq_command
+    from r1v_quant.cli.main import Group
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "q"

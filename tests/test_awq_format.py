@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1v_quant.awq_format import AWQ_ORDER, dequantize_awq, pack_awq, pack_columns, unpack_columns
-from r1v_quant.errors import R1VError
-from r1v_quant.quant import fake_quantize, quantize_weight
+from r1v_quant.model.awq_layout import AWQ_ORDER, dequantize_awq, pack_awq, pack_columns, unpack_columns
+from r1v_quant.model.groupwise import fake_quantize, quantize_weight
+from r1v_quant.util.errors import R1VError
 
 
 def test_pack_known_integers() -> None:

@@ -38,10 +38,10 @@ from r1v_quant.calibration.sensitivity import (
     sensitivity_subset,
     write_sensitivity,
 )
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.errors import R1VError
-from r1v_quant.model import R1VModel
-from r1v_quant.synthdata import render_shape
+from r1v_quant.data.synthdata import render_shape
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.reference import R1VModel
+from r1v_quant.util.errors import R1VError
 
 SAMPLES, SEQ = 4, 512
 
@@ -284,7 +284,7 @@ def test_stats_and_layer_inputs_match_the_full_forward(
 
 # -- modality sensitivity (sensitivity.json, shared by `awq` and `gguf --modality-weights auto`) -----------
 def test_sensitivity_file_schema_and_same_numbers_as_awq(runs: dict[str, Path], prepared) -> None:
-    from r1v_quant.awq import language_vision_sensitivity
+    from r1v_quant.quant.awq_search import language_vision_sensitivity
 
     data = json.loads((runs["ram"] / SENSITIVITY_FILE).read_text())
     assert set(data) == {"format", "set_hash", "model", "modalities", "samples", "sample_ids",
@@ -307,7 +307,7 @@ def test_sensitivity_file_schema_and_same_numbers_as_awq(runs: dict[str, Path], 
 
 
 def test_sensitivity_subset_spreads_over_both_kinds() -> None:
-    from r1v_quant.awq import screen_samples
+    from r1v_quant.quant.awq_search import screen_samples
 
     masks = [torch.tensor([VISION, PROMPT, RESPONSE] if j % 4 else [PROMPT, RESPONSE]) for j in range(24)]
     picked = sensitivity_subset(masks)
@@ -463,8 +463,8 @@ def test_refuses_non_empty_output(tiny_dir: Path, tmp_path: Path) -> None:
 def test_cli_json_and_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.calibration.cli import calibrate_command
-    from r1v_quant.cli import Group
+    from r1v_quant.cli.calibrate import calibrate_command
+    from r1v_quant.cli.main import Group
 
     group = Group(commands={"calibrate": calibrate_command})
     runner = CliRunner()
@@ -501,9 +501,9 @@ def _38b_text_samples(n: int = 64, tokens: int = 4096):
 
 def test_plan_38b_terms_by_hand() -> None:
     """One Qwen2-32B layer, the lm_head, the cached activations and the capture FLOPs at 38B, by hand."""
-    from r1v_quant.artifact import Geometry
     from r1v_quant.calibration.job_plan import plan_flops, plan_terms, replay_store
-    from r1v_quant.presets import preset_spec
+    from r1v_quant.model.artifact import Geometry
+    from r1v_quant.model.presets import preset_spec
 
     spec = preset_spec("r1v-38b")
     samples = _38b_text_samples()
@@ -530,7 +530,7 @@ def test_plan_38b_terms_by_hand() -> None:
 def test_auto_budget_from_faked_memavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import r1v_quant.calibration.job_plan as jp
     from r1v_quant.calibration.store import parse_max_memory
-    from r1v_quant.presets import preset_spec
+    from r1v_quant.model.presets import preset_spec
 
     assert parse_max_memory("auto") == "auto" and parse_max_memory(" AUTO ") == "auto"
     assert parse_max_memory("none") is None and parse_max_memory(None) is None
@@ -590,8 +590,8 @@ def test_disk_full_refusal_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkey
 def test_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.calibration.cli import calibrate_command
-    from r1v_quant.cli import Group
+    from r1v_quant.cli.calibrate import calibrate_command
+    from r1v_quant.cli.main import Group
 
     out = tmp_path / "c"
     args = ["calibrate", str(tiny_dir), "--samples", "2", "--seq-len", "256", "--out", str(out)]
@@ -609,7 +609,7 @@ def test_cli_json_has_the_plan(tiny_dir: Path, tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text())["plan"]["job"] == "calibrate"
 
 
-# -- --device (r1v_quant/device.py): every pass device-aware, CPU results unchanged -----------------------
+# -- --device (r1v_quant/util/device.py): every pass device-aware, CPU results unchanged
 def _capture_all(p, rendered, **kw) -> tuple[list[dict[str, torch.Tensor]], list[list[torch.Tensor]]]:
     stats, outs = [], []
     for cap in iter_layers(p.ckpt, p.renderer, p.cset, rendered, ActivationStore(), progress=False, **kw):
@@ -664,7 +664,7 @@ def test_calibrate_device_cpu_matches_auto_and_is_reported(
 
 
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from r1v_quant.device import resolve_device
+    from r1v_quant.util.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
@@ -682,8 +682,8 @@ def test_calibrate_cli_device_cuda_without_cuda_is_one_line(
 ) -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.calibration.cli import calibrate_command
-    from r1v_quant.cli import Group
+    from r1v_quant.cli.calibrate import calibrate_command
+    from r1v_quant.cli.main import Group
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "c"
@@ -699,7 +699,7 @@ def test_plan_on_cuda_moves_every_pass_to_the_gpu(tmp_path: Path) -> None:
     """--device cuda: layer and sample working sets in the gpu pool (one layer + one sample), the host
     keeps the store and the 16-bit sources; every pass timed at the GPU rate. The CPU plan is unchanged."""
     import r1v_quant.calibration.job_plan as jp
-    from r1v_quant.presets import preset_spec
+    from r1v_quant.model.presets import preset_spec
 
     spec = preset_spec("r1v-38b")
     samples = [jp.SampleShape(4096, 7 if j < 48 else 0, 2048) for j in range(64)]

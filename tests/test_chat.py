@@ -28,8 +28,15 @@ pytest.importorskip("llama_cpp")
 
 from click.testing import CliRunner  # noqa: E402
 
-from r1v_quant.chat import ThinkingView, TokenText, interactive  # noqa: E402
-from r1v_quant.chat_backends import (  # noqa: E402
+from r1v_quant.cli.chat import ThinkingView, TokenText, interactive  # noqa: E402
+from r1v_quant.cli.main import main  # noqa: E402
+from r1v_quant.data.synthdata import render_shape  # noqa: E402
+from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
+from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
+from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
+from r1v_quant.model.reference import R1VModel, build_inputs  # noqa: E402
+from r1v_quant.model.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.runtime.chat_engines import (  # noqa: E402
     ChatSession,
     LlamaCppLM,
     MmprojVision,
@@ -37,15 +44,8 @@ from r1v_quant.chat_backends import (  # noqa: E402
     TorchVision,
     conversation_ids,
 )
-from r1v_quant.checkpoint import open_checkpoint  # noqa: E402
-from r1v_quant.cli import main  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
-from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
-from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
-from r1v_quant.llamacpp_runtime import LlamaCppRuntime, find_gguf_pair  # noqa: E402
-from r1v_quant.model import R1VModel, build_inputs  # noqa: E402
-from r1v_quant.synthdata import render_shape  # noqa: E402
-from r1v_quant.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 COLOR_Q = "What color is the shape in the image?"
@@ -245,8 +245,8 @@ def test_onnx_vision_encoder_in_llamacpp_chat(
 ) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from r1v_quant.chat_backends import OnnxVision
     from r1v_quant.exporters.onnx_vision import export_onnx
+    from r1v_quant.runtime.chat_engines import OnnxVision
 
     export_onnx(tiny_dir, tmp_path / "onnx", verify=False)
     lm, mmproj = llama
@@ -269,7 +269,7 @@ def test_onnx_vision_encoder_in_llamacpp_chat(
 # -- the command, without and with a terminal ----------------------------------------------------------------
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "r1v_quant.cli", *args],
+        [sys.executable, "-m", "r1v_quant.cli.main", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -337,7 +337,7 @@ class Terminal:
         env = {**os.environ, "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: stdin, stdout and stderr are the terminal
-            os.execve(sys.executable, [sys.executable, "-m", "r1v_quant.cli", *args], env)
+            os.execve(sys.executable, [sys.executable, "-m", "r1v_quant.cli.main", *args], env)
         self.out = b""
         self.mark = 0
         self.exited = False

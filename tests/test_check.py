@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from eval_helpers import perturbed_copy
 
-from r1v_quant.bench_sets import BenchItem
-from r1v_quant.check import Gates, apply_gates, format_markdown
-from r1v_quant.cli import main
-from r1v_quant.eval_bench import grade
+from r1v_quant.cli.main import main
+from r1v_quant.evaluate.bench import grade
+from r1v_quant.evaluate.bench_sets import BenchItem
+from r1v_quant.evaluate.check import Gates, apply_gates, format_markdown
 
 
 def _item(kind: str = "numeric", answer: str = "42") -> BenchItem:
@@ -59,7 +59,7 @@ def test_apply_gates() -> None:
 
 def test_gate_decides_on_the_interval_and_the_resolution() -> None:
     """PASS needs the interval above -max_drop and a run able to resolve max_drop; FAIL needs it below."""
-    from r1v_quant.eval_bench import verdict
+    from r1v_quant.evaluate.bench import verdict
 
     base = {"n": 400, "delta": -0.5, "ci_low": -0.9, "ci_high": 0.1, "detectable": 0.8}
     assert verdict(base, 1.0)[0] == "PASS"
@@ -77,7 +77,7 @@ def broken_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def _bench_file(tmp: Path) -> Path:
     """Colour questions about PNG files plus arithmetic, as a JSONL benchmark with image paths."""
-    from r1v_quant.synthdata import image_problems, text_problems
+    from r1v_quant.data.synthdata import image_problems, text_problems
 
     (tmp / "img").mkdir()
     rows = []
@@ -239,8 +239,8 @@ def test_check_writes_report_and_gates(tiny_dir: Path, tiny_rms_dir: Path, tmp_p
 
 def test_update_cards_writes_each_folders_rows(tiny_dir: Path, tmp_path: Path) -> None:
     """`check --update-cards`: rows go to the card of the folder that holds each artifact."""
-    from r1v_quant.check import update_cards
-    from r1v_quant.model_card import CARD_NAME, Card, write_card
+    from r1v_quant.evaluate.check import update_cards
+    from r1v_quant.model.card import CARD_NAME, Card, write_card
 
     gguf_dir, plain = tmp_path / "gguf", tmp_path / "no-card"
     for d in (gguf_dir, plain):
@@ -261,8 +261,8 @@ def test_update_cards_writes_each_folders_rows(tiny_dir: Path, tmp_path: Path) -
 
 
 def test_synthetic_benchmarks_never_reach_a_model_card(tiny_dir: Path, tmp_path: Path) -> None:
-    from r1v_quant.check import card_rows
-    from r1v_quant.model_card import Card, write_card
+    from r1v_quant.evaluate.check import card_rows
+    from r1v_quant.model.card import Card, write_card
 
     folder = tmp_path / "awq"
     folder.mkdir()

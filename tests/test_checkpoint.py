@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from r1v_quant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, open_checkpoint
-from r1v_quant.errors import CheckpointError, R1VError
-from r1v_quant.presets import PRESETS, preset_config, write_layout
-from r1v_quant.spec import param_count, parse_config
+from r1v_quant.model.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, open_checkpoint
+from r1v_quant.model.presets import PRESETS, preset_config, write_layout
+from r1v_quant.model.spec import param_count, parse_config
+from r1v_quant.util.errors import CheckpointError, R1VError
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -162,7 +162,7 @@ def test_single_file_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_layout_only_directory_inspects(name: str, tmp_path: Path) -> None:
-    from r1v_quant.inspect_model import inspect_model
+    from r1v_quant.model.inspect import inspect_model
 
     r = inspect_model(write_layout(tmp_path / name, name))
     assert not r["has_weights"] and abs(r["params_total"] / 1e9 - 38.39) < 0.01
@@ -171,7 +171,7 @@ def test_layout_only_directory_inspects(name: str, tmp_path: Path) -> None:
 
 
 def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     opts = TinyOptions(flavor="r1v2", vit="rms", steps=3, seed=7, min_accuracy=0)
     build_tiny(tmp_path / "a", opts)

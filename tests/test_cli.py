@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from r1v_quant.synthdata import render_shape
+from r1v_quant.data.synthdata import render_shape
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "r1v_quant.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "r1v_quant.cli.main", *args], capture_output=True, text=True, timeout=600
     )
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from r1v_quant.demo import Demo, Step
-from r1v_quant.tiny import TinyOptions
+from r1v_quant.cli.demo import Demo, Step
+from r1v_quant.replica.build import TinyOptions
 
 STEPS = ["tiny", "inspect", "calibrate", "awq", "gguf", "check", "profile", "ask"]
 
@@ -67,7 +67,7 @@ def test_steps_are_reused_redone_or_skipped(tmp_path: Path) -> None:
 def _demo(out: Path) -> tuple[dict, float]:
     t0 = time.perf_counter()
     r = subprocess.run(
-        [sys.executable, "-m", "r1v_quant.cli", "demo", "--out", str(out), "--json", "--threads", "2"],
+        [sys.executable, "-m", "r1v_quant.cli.main", "demo", "--out", str(out), "--json", "--threads", "2"],
         capture_output=True,
         text=True,
         timeout=1800,

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from r1v_quant.answers import extract_answer, is_correct, last_boxed, parse_number
+from r1v_quant.evaluate.answers import extract_answer, is_correct, last_boxed, parse_number
 
 OPTS4 = ("12", "15", "18", "21")
 COLORS = ("red", "blue", "green", "yellow")
@@ -98,7 +98,7 @@ def test_parse_number_forms() -> None:
 
 
 def test_vlmevalkit_can_infer_rules() -> None:
-    from r1v_quant.answers import can_infer_option, can_infer_text
+    from r1v_quant.evaluate.answers import can_infer_option, can_infer_text
 
     assert can_infer_option("I think it is (C).", 4) == "C"
     assert can_infer_option("B or C", 4) is None  # two letters: ambiguous
@@ -112,7 +112,7 @@ def test_vlmevalkit_can_infer_rules() -> None:
 
 
 def test_budget_cut_answers_count_only_when_boxed() -> None:
-    from r1v_quant.answers import boxed_answer
+    from r1v_quant.evaluate.answers import boxed_answer
 
     assert boxed_answer("so \\boxed{12} and then I", "numeric") == "12"
     assert boxed_answer("The answer is 12 and", "numeric") is None

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from r1v_quant.answers import extract_answer, final_answer, is_correct
-from r1v_quant.bench_load import load_bench
-from r1v_quant.bench_sets import MULTI_INSTRUCTION
-from r1v_quant.errors import R1VError
+from r1v_quant.evaluate.answers import extract_answer, final_answer, is_correct
+from r1v_quant.evaluate.bench_load import load_bench
+from r1v_quant.evaluate.bench_sets import MULTI_INSTRUCTION
+from r1v_quant.util.errors import R1VError
 
 
 def _png(color: str = "red", size: tuple[int, int] = (32, 24)) -> bytes:

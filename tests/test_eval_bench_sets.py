@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from r1v_quant.answers import extract_answer, is_correct
-from r1v_quant.bench_load import load_bench
-from r1v_quant.bench_sets import BUILTIN, MC_INSTRUCTION
-from r1v_quant.errors import R1VError
+from r1v_quant.evaluate.answers import extract_answer, is_correct
+from r1v_quant.evaluate.bench_load import load_bench
+from r1v_quant.evaluate.bench_sets import BUILTIN, MC_INSTRUCTION
+from r1v_quant.util.errors import R1VError
 
 
 def _png(color: str = "red") -> bytes:
@@ -134,7 +134,7 @@ def test_builtin_tiny_set_and_limit() -> None:
     assert {i.kind for i in bench.items} == {"numeric", "text"}
     assert {"color", "shape"} <= set(bench.categories())
     # the replica's worked answers grade as correct against their own items
-    from r1v_quant.synthdata import text_problems
+    from r1v_quant.data.synthdata import text_problems
 
     p = text_problems(1, 90_101)[0]
     item = bench.items[0]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from r1v_quant.decoding import FLAVOR_SAMPLING, checkpoint_sampling, resolve_decoding
-from r1v_quant.errors import R1VError
-from r1v_quant.llamacpp_runtime import sample_token
+from r1v_quant.runtime.decoding import FLAVOR_SAMPLING, checkpoint_sampling, resolve_decoding
+from r1v_quant.runtime.llamacpp import sample_token
+from r1v_quant.util.errors import R1VError
 
 
 def test_sampling_settings_from_the_checkpoint_or_the_flavour(tiny_dir: Path, tmp_path: Path) -> None:
@@ -71,9 +71,9 @@ def test_batched_decoder_matches_one_sequence(tiny_dir: Path, monkeypatch: pytes
     greedily is the one-sequence forward's argmax (up to float rounding: within 1e-4 of its top logit)."""
     from PIL import Image, ImageDraw
 
-    import r1v_quant.batch_generate as bg
-    from r1v_quant.checkpoint import open_checkpoint
-    from r1v_quant.model import R1VModel, build_inputs
+    import r1v_quant.runtime.batch_generate as bg
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.reference import R1VModel, build_inputs
 
     monkeypatch.setattr(bg, "CHUNK", 3)  # the cache grows several times within 20 tokens
     ckpt = open_checkpoint(tiny_dir)
@@ -97,10 +97,10 @@ def test_batched_decoder_matches_one_sequence(tiny_dir: Path, monkeypatch: pytes
 
 
 def test_k_samples_per_item_with_recorded_seeds(tiny_dir: Path) -> None:
-    from r1v_quant.artifact import resolve_reference
-    from r1v_quant.bench_load import load_bench
-    from r1v_quant.eval_backends import RuntimeOptions, open_backend
-    from r1v_quant.eval_bench import bench_pass, compare, model_summary
+    from r1v_quant.evaluate.backends import RuntimeOptions, open_backend
+    from r1v_quant.evaluate.bench import bench_pass, compare, model_summary
+    from r1v_quant.evaluate.bench_load import load_bench
+    from r1v_quant.model.artifact import resolve_reference
 
     items = load_bench("builtin:tiny", limit=3, seed=2).items
     dec = resolve_decoding(tiny_dir, "r1v", samples=2, seed=9, max_tokens=8)

@@ -11,17 +11,17 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from r1v_quant.artifact import resolve_artifact, resolve_reference  # noqa: E402
-from r1v_quant.bench_load import load_bench  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
-from r1v_quant.eval_backends import (  # noqa: E402
+from r1v_quant.evaluate.backends import (  # noqa: E402
     RuntimeOptions,
     check_compatible,
     check_runtime_tokenizer,
     open_backend,
 )
-from r1v_quant.eval_bench import bench_pass  # noqa: E402
-from r1v_quant.eval_ppl import WindowSpec, build_windows, evaluate_models  # noqa: E402
+from r1v_quant.evaluate.bench import bench_pass  # noqa: E402
+from r1v_quant.evaluate.bench_load import load_bench  # noqa: E402
+from r1v_quant.evaluate.ppl import WindowSpec, build_windows, evaluate_models  # noqa: E402
+from r1v_quant.model.artifact import resolve_artifact, resolve_reference  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 

@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from eval_helpers import perturbed_copy
 
-from r1v_quant.artifact import resolve_artifact, resolve_reference
-from r1v_quant.cli import main
-from r1v_quant.errors import R1VError
-from r1v_quant.eval_backends import RuntimeOptions, check_compatible
-from r1v_quant.eval_ppl import RefStore, WindowSpec, build_windows, evaluate_models
-from r1v_quant.evalset import text_windows, window_logits, window_targets
-from r1v_quant.metrics import kld_summary, token_kld
-from r1v_quant.model import R1VModel
+from r1v_quant.cli.main import main
+from r1v_quant.data.evalset import text_windows, window_logits, window_targets
+from r1v_quant.evaluate.backends import RuntimeOptions, check_compatible
+from r1v_quant.evaluate.metrics import kld_summary, token_kld
+from r1v_quant.evaluate.ppl import RefStore, WindowSpec, build_windows, evaluate_models
+from r1v_quant.model.artifact import resolve_artifact, resolve_reference
+from r1v_quant.model.reference import R1VModel
+from r1v_quant.util.errors import R1VError
 
 
 def test_text_windows_layout() -> None:
@@ -126,7 +126,7 @@ def test_gguf_metadata_mismatch_refused(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_ppl_text_file_and_errors(tiny_dir: Path, tmp_path: Path) -> None:
-    from r1v_quant.synthdata import text_problems
+    from r1v_quant.data.synthdata import text_problems
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(p.question + "\n" + p.response() for p in text_problems(40, 5)))

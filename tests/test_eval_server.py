@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from r1v_quant.cli import main  # noqa: E402
-from r1v_quant.prompts import CHAT_FORMATS, MTMD_MARKER, build_prompt, render_chat_template  # noqa: E402
+from r1v_quant.cli.main import main  # noqa: E402
+from r1v_quant.model.prompts import CHAT_FORMATS, MTMD_MARKER, build_prompt, render_chat_template  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 
@@ -65,12 +65,12 @@ def test_stock_mtmd_handler_takes_typed_content(
     TypeError, the image where it stands, the same prompt as r1v-quant's runtime builds."""
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from r1v_quant.llamacpp_runtime import LlamaCppRuntime
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
     if flavor == "r1v":
         gguf_dir = f16_dir
     else:  # an untrained replica of the flavour is enough for its template and vocabulary
-        from r1v_quant.tiny import TinyOptions, build_tiny
+        from r1v_quant.replica.build import TinyOptions, build_tiny
 
         model = tmp_path / f"{flavor}-tiny"
         build_tiny(model, TinyOptions(flavor=flavor, steps=0, seed=2))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from r1v_quant.stats_tests import mcnemar_exact, paired_bootstrap, paired_delta
+from r1v_quant.evaluate.stats_tests import mcnemar_exact, paired_bootstrap, paired_delta
 
 
 def _pairs(seed: int = 0, n: int = 120) -> tuple[list[bool], list[bool]]:

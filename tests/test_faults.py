@@ -31,13 +31,13 @@ from click.testing import CliRunner, Result
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from r1v_quant.checkpoint import INDEX_NAME
-from r1v_quant.cli import main
-from r1v_quant.outputs import FOLDER_LOCK, LOCK_SUFFIX, claim_output
+from r1v_quant.cli.main import main
+from r1v_quant.model.checkpoint import INDEX_NAME
+from r1v_quant.util.outputs import FOLDER_LOCK, LOCK_SUFFIX, claim_output
 
 LLM_Q = "language_model.model.layers.1.self_attn.q_proj.weight"
 VIT_FC = "vision_model.encoder.layers.0.mlp.fc1.weight"
-CLI = [sys.executable, "-m", "r1v_quant.cli"]
+CLI = [sys.executable, "-m", "r1v_quant.cli.main"]
 needs_gguf = pytest.mark.skipif(
     not all(_m in sys.modules or __import__("importlib").util.find_spec(_m) for _m in ("gguf", "llama_cpp")),
     reason="needs the gguf extra (gguf, llama-cpp-python)",
@@ -48,7 +48,7 @@ needs_gguf = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained replica (random weights: every probe here is about files, not answers)."""
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     out = tmp_path_factory.mktemp("faults") / "m"
     build_tiny(out, TinyOptions(steps=0))
@@ -445,7 +445,7 @@ def test_ctrl_c_while_publishing_undoes_everything(
 ) -> None:
     """Ctrl-C that lands while files are being renamed into place (held until the step ends) undoes the
     whole step: no file of the run, and the manifest and card as they were."""
-    import r1v_quant.exporters.cli_gguf as cg
+    import r1v_quant.cli.gguf as cg
 
     out = tmp_path / "out"
     assert cli(*gguf_args(model, out, "--type", "Q8_0")).exit_code == 0
@@ -464,7 +464,7 @@ def test_ctrl_c_while_publishing_undoes_everything(
 
 @needs_gguf
 def test_publish_killed_midway_is_undone_by_the_next_run(model: Path, tmp_path: Path) -> None:
-    from r1v_quant.exporters.cli_gguf import JOURNAL
+    from r1v_quant.cli.gguf import JOURNAL
 
     out = tmp_path / "out"
     assert cli(*gguf_args(model, out, "--type", "Q8_0", "--mmproj-type", "none")).exit_code == 0
@@ -582,9 +582,9 @@ def test_space_check_counts_the_mmproj_in_human_units(
 ) -> None:
     from collections import namedtuple
 
-    from r1v_quant.checkpoint import open_checkpoint
     from r1v_quant.exporters.gguf_llm import plan_tensors
     from r1v_quant.exporters.gguf_mmproj import mmproj_bytes_planned
+    from r1v_quant.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model)
     llm = sum(t.nbytes for t in plan_tensors(ckpt, "F16"))
@@ -598,7 +598,7 @@ def test_space_check_counts_the_mmproj_in_human_units(
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
-    from r1v_quant.preprocess import open_image
+    from r1v_quant.model.preprocess import open_image
 
     path = tmp_path / "g16.png"
     Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(path)
@@ -656,7 +656,7 @@ def on_tmpfs(mount: Path, options: str, python: str, listing: Path) -> subproces
 
 
 def _cli_call(args: list[object], prelude: str = "") -> str:
-    return f"{prelude}\nfrom r1v_quant.cli import main\nmain({[str(a) for a in args]!r})"
+    return f"{prelude}\nfrom r1v_quant.cli.main import main\nmain({[str(a) for a in args]!r})"
 
 
 @needs_gguf

@@ -20,16 +20,13 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from llama_helpers import llama_logits  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from r1v_quant.awq import token_weights  # noqa: E402
 from r1v_quant.calibration.pipeline import calibrate  # noqa: E402
 from r1v_quant.calibration.render import MODALITIES  # noqa: E402
 from r1v_quant.calibration.sensitivity import SENSITIVITY_FILE  # noqa: E402
 from r1v_quant.calibration.stats import STATS_FILE, CalibrationStats  # noqa: E402
-from r1v_quant.checkpoint import open_checkpoint  # noqa: E402
-from r1v_quant.cli import Group  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
+from r1v_quant.cli.gguf import gguf_command  # noqa: E402
+from r1v_quant.cli.main import Group  # noqa: E402
 from r1v_quant.exporters import gguf_aware, gguf_llm  # noqa: E402
-from r1v_quant.exporters.cli_gguf import gguf_command  # noqa: E402
 from r1v_quant.exporters.gguf_aware import (  # noqa: E402
     FOLD_GROUPS,
     MODALITY_MODES,
@@ -41,9 +38,12 @@ from r1v_quant.exporters.gguf_aware import (  # noqa: E402
 from r1v_quant.exporters.gguf_imatrix import Imatrix, read_imatrix_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf, gguf_tensor_name  # noqa: E402
 from r1v_quant.exporters.quantize import llama_quantize  # noqa: E402
-from r1v_quant.model import R1VModel  # noqa: E402
-from r1v_quant.prompts import build_prompt  # noqa: E402
-from r1v_quant.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
+from r1v_quant.model.prompts import build_prompt  # noqa: E402
+from r1v_quant.model.reference import R1VModel  # noqa: E402
+from r1v_quant.model.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.quant.awq_search import token_weights  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 Q = gguf.GGMLQuantizationType

@@ -19,17 +19,18 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from llama_helpers import llama_logits  # noqa: E402
 
-from r1v_quant.cli import Group  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
+from r1v_quant.cli.gguf import gguf_command, gguf_output_path  # noqa: E402
+from r1v_quant.cli.main import Group  # noqa: E402
 from r1v_quant.exporters import gguf_llm  # noqa: E402
-from r1v_quant.exporters.cli_gguf import gguf_command, gguf_output_path  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_vocab import CONTROL, NORMAL, USER_DEFINED  # noqa: E402
 from r1v_quant.exporters.quantize import llama_quantize  # noqa: E402
-from r1v_quant.model import R1VModel  # noqa: E402
-from r1v_quant.prompts import CHAT_FORMATS, DS_ASSISTANT, DS_BOS, DS_USER, IMG_CONTEXT, build_prompt  # noqa: E402
-from r1v_quant.spec import load_spec  # noqa: E402
-from r1v_quant.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.model import storage  # noqa: E402
+from r1v_quant.model.prompts import CHAT_FORMATS, DS_ASSISTANT, DS_BOS, DS_USER, IMG_CONTEXT, build_prompt  # noqa: E402
+from r1v_quant.model.reference import R1VModel  # noqa: E402
+from r1v_quant.model.spec import load_spec  # noqa: E402
+from r1v_quant.model.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 Q = gguf.GGMLQuantizationType
@@ -109,7 +110,7 @@ def _act_quant(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def gguf_weight_logits(tiny_dir: Path, path: Path, ids: list[int], act_block: int) -> np.ndarray:
     """The torch reference run with the GGUF's own (dequantized) weights and ggml's activation rounding."""
-    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(tiny_dir)
     hf_name = {gguf_llm.gguf_tensor_name(n, ckpt.spec.llm.num_layers): n for n in ckpt.names()}
@@ -172,7 +173,7 @@ def test_tensor_types(ggufs: dict[str, Path], tiny_dir: Path) -> None:
 
 
 def test_python_packing_matches_checkpoint(ggufs: dict[str, Path], tiny_dir: Path) -> None:
-    from r1v_quant.checkpoint import open_checkpoint
+    from r1v_quant.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(tiny_dir)
     want = ckpt.get("language_model.model.layers.1.mlp.down_proj.weight").float().numpy()
@@ -218,7 +219,7 @@ def test_streams_one_tensor_at_a_time(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Peak memory ~ one tensor: when the next tensor is read, every earlier one has been freed.
-    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.model.checkpoint import Checkpoint
 
     real_get, alive, most = Checkpoint.get, [], 0
 
@@ -426,3 +427,26 @@ def test_r1v3_flavour(tiny_rms_dir: Path, tmp_path: Path) -> None:
     got = llama_logits(out, ids)
     assert_same_top1(got, want)
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("ftype", [n for n, t in storage.FILE_TYPES.items() if t.writer == "llama.cpp"])
+def test_storage_registry_predicts_every_tensor_type_llama_cpp_writes(
+    ggufs: dict[str, Path], tiny_dir: Path, tmp_path: Path, ftype: str
+) -> None:
+    # The registry's per-tensor rule (inspect / plan sizes) against libllama's own quantizer's choices.
+    spec = load_spec(tiny_dir)
+    out = tmp_path / f"m-{ftype}.gguf"
+    llama_quantize(ggufs["F16"], out, ftype)
+    got = {x.name: x.tensor_type.name for x in gguf.GGUFReader(out).tensors}
+    gqa = spec.llm.num_heads // spec.llm.num_kv_heads
+    shapes = spec.tensor_shapes()
+    want = {}
+    for hf, shape in shapes.items():
+        name = gguf_llm.gguf_tensor_name(hf, spec.llm.num_layers)
+        if name is not None:
+            want[name] = storage.gguf_type(hf, ftype, spec.llm.num_layers, gqa=gqa, ncols=shape[-1])
+    assert got == want
+    # and the bytes `inspect` / `plan` predict are the bytes of the tensors written
+    predicted = storage.weight_bytes(spec, ftype)
+    llm_bytes = sum(v for k, v in predicted.items() if k not in ("vision", "projector"))
+    assert sum(int(x.n_bytes) for x in gguf.GGUFReader(out).tensors) == llm_bytes

@@ -10,9 +10,9 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from r1v_quant.exporters.gguf_common import general_metadata  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
+from r1v_quant.runtime.gguf_lib import general_metadata  # noqa: E402
 
 CARD = """---
 license: other
@@ -34,7 +34,7 @@ pipeline_tag: image-text-to-text
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     root = tmp_path_factory.mktemp("meta")
     built = root / "built"

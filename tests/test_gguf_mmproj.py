@@ -18,18 +18,18 @@ from PIL import Image
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from r1v_quant.checkpoint import open_checkpoint  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
 from r1v_quant.exporters.gguf_mmproj import (  # noqa: E402
     export_mmproj_gguf,
     plan_mmproj,
     resolve_position_fix,
     shift_positions,
 )
-from r1v_quant.exporters.mtmd_runtime import MtmdVision, cosine_rows, embedding_parity  # noqa: E402
-from r1v_quant.model import R1VModel  # noqa: E402
-from r1v_quant.preprocess import preprocess_image  # noqa: E402
-from r1v_quant.spec import load_spec, parse_config  # noqa: E402
+from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
+from r1v_quant.model.preprocess import preprocess_image  # noqa: E402
+from r1v_quant.model.reference import R1VModel  # noqa: E402
+from r1v_quant.model.spec import load_spec, parse_config  # noqa: E402
+from r1v_quant.runtime.mtmd import MtmdVision, cosine_rows, embedding_parity  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 Q = gguf.GGMLQuantizationType
@@ -336,7 +336,7 @@ def _odd_config() -> dict:
 
 def test_stream_reads_qkv_once(tiny_dir, tmp_path, monkeypatch):
     """Tensors are read one at a time, the fused qkv once for its three parts."""
-    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.model.checkpoint import Checkpoint
 
     reads: list[str] = []
     orig = Checkpoint.get

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v_quant.checkpoint import INDEX_NAME, open_checkpoint
-from r1v_quant.errors import CheckpointError, R1VError
-from r1v_quant.hub import (
+from r1v_quant.model.checkpoint import INDEX_NAME, open_checkpoint
+from r1v_quant.util.errors import CheckpointError, R1VError
+from r1v_quant.util.hub import (
     IGNORE_PATTERNS,
     METADATA_PATTERNS,
     WEIGHT_PATTERNS,
@@ -197,7 +197,7 @@ def test_only_data_files_are_requested(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "r1v_quant.cli", *args],
+        [sys.executable, "-m", "r1v_quant.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -262,8 +262,8 @@ def test_decorators_hand_commands_a_local_path(offline_home: Path) -> None:
     import click
     from click.testing import CliRunner
 
-    from r1v_quant.cli import Group
-    from r1v_quant.cli_params import model_argument, model_option
+    from r1v_quant.cli.main import Group
+    from r1v_quant.cli.params import model_argument, model_option
 
     seen: list[object] = []
 
@@ -342,7 +342,7 @@ def test_eval_ppl_takes_repo_ids(offline_home: Path, noisy_repo: str, tiny_dir: 
     """--ref REPO --cand REPO2 --cand REPO@v1: each resolved from the cache, measured on the replica."""
     from click.testing import CliRunner
 
-    from r1v_quant.cli import main
+    from r1v_quant.cli.main import main
 
     res = CliRunner().invoke(main, _ppl_args(REPO, noisy_repo, f"{REPO}@v1", str(tiny_dir)))
     assert res.exit_code == 0, res.output
@@ -361,7 +361,7 @@ def test_eval_ppl_takes_repo_ids(offline_home: Path, noisy_repo: str, tiny_dir: 
 def test_eval_and_check_miss_is_one_line_exit_2(hf_home: Path, offline_home: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.cli import main
+    from r1v_quant.cli.main import main
 
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
     real = _cli(*_ppl_args(REPO, "Skyworkish/Not-Cached"), env=env)  # the installed CLI, in a process
@@ -392,7 +392,7 @@ def test_plan_takes_a_repo_id_with_metadata_only(offline_home: Path, tiny_dir: P
     """`plan --model REPO` needs config + index only: it works on a snapshot without shards, offline."""
     from click.testing import CliRunner
 
-    from r1v_quant.cli import main
+    from r1v_quant.cli.main import main
 
     src = tmp_path / "meta"
     src.mkdir()
@@ -427,9 +427,9 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
     """The wiring only (both commands run models for minutes): they receive the snapshot directory."""
     from click.testing import CliRunner
 
-    import r1v_quant.chat_backends
-    import r1v_quant.profiler
-    from r1v_quant.cli import main
+    import r1v_quant.profile.profiler
+    import r1v_quant.runtime.chat_engines
+    from r1v_quant.cli.main import main
 
     seen: list[Path] = []
 
@@ -437,8 +437,8 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
         seen.append(path)
         raise R1VError("stopped here")
 
-    monkeypatch.setattr(r1v_quant.profiler, "profile", lambda path, **kw: stop(path))
-    monkeypatch.setattr(r1v_quant.chat_backends, "open_backend", lambda **kw: stop(kw["model"]))
+    monkeypatch.setattr(r1v_quant.profile.profiler, "profile", lambda path, **kw: stop(path))
+    monkeypatch.setattr(r1v_quant.runtime.chat_engines, "open_backend", lambda **kw: stop(kw["model"]))
     runner = CliRunner()
     for args in (["profile", f"{REPO}@v1"], ["chat", "--model", REPO, "--revision", "v1", "-p", "hi"]):
         res = runner.invoke(main, args)
@@ -447,7 +447,7 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
 
 
 def test_update_cards_never_writes_into_the_hub_cache(offline_home: Path, tmp_path: Path) -> None:
-    from r1v_quant.check import card_rows
+    from r1v_quant.evaluate.check import card_rows
 
     snap = resolve_model(REPO)
     local = tmp_path / "local"

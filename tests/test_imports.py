@@ -1,6 +1,6 @@
 """The import rules docs/architecture.md writes down, read from the source (every `import`, the lazy
-ones inside functions included): no cycles, command modules only under commands, click only in them, and a
-model layer that knows nothing of calibration, exporters or anything built on top of it."""
+ones inside functions included): the stage packages form a stack and a module imports only from its own
+package or from packages below it; no cycles; click only in the command package."""
 
 from __future__ import annotations
 
@@ -11,54 +11,45 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the package layout pyproject.toml declares: calibration/ and exporters/ are r1v_quant subpackages
-PACKAGES = {
-    "r1v_quant": "r1v_quant",
-    "calibration": "r1v_quant.calibration",
-    "exporters": "r1v_quant.exporters",
-}
-COMMANDS = {
-    "r1v_quant.cli",
-    "r1v_quant.cli_params",
-    "r1v_quant.eval_cli",
-    "r1v_quant.profile_cli",
-    "r1v_quant.chat",
-    "r1v_quant.demo",
-    "r1v_quant.calibration.cli",
-    "r1v_quant.exporters.awq_cli",
-    "r1v_quant.exporters.cli_gguf",
-    "r1v_quant.exporters.onnx_cli",
-}
+FOLDERS = {"calibration": "r1v_quant.calibration", "exporters": "r1v_quant.exporters"}
+# bottom to top: each package may import the ones before it, never the ones after it
+LAYERS = [
+    "util",  # errors, atomic outputs, signals, NaN checks, devices, the Hub
+    "model",  # checkpoint, spec, reference forward, tokenizer, templates, preprocessing, storage formats
+    "data",  # generated problems and scoring windows
+    "quant",  # the AWQ search math
+    "plan",  # memory model, roofline, plan
+    "calibration",  # calibration sets, capture, statistics, sensitivity, the job preflight
+    "runtime",  # torch / llama.cpp / libmtmd / ONNX Runtime engines and their request protocol
+    "exporters",  # AWQ checkpoint, GGUF + mmproj, ONNX writers
+    "evaluate",  # ppl / KLD, benchmarks, statistics, the release gate
+    "profile",  # measured runs
+    "replica",  # the built-in tiny model and its training
+    "cli",  # the click commands
+]
 # writes the command line that made an artifact into its card, from the running click command
-CLICK_OUTSIDE_COMMANDS = {"r1v_quant.model_card"}
-MODEL_LAYER = {
-    f"r1v_quant.{m}"
-    for m in (
-        "spec",
-        "checkpoint",
-        "tokenizer",
-        "preprocess",
-        "prompts",
-        "vision",
-        "llm",
-        "model",
-        "quant",
-        "awq_format",
-        "norms",
-    )
-}
-# what the model layer may import from the package: itself and these leaf utilities
-MODEL_LAYER_MAY_USE = {f"r1v_quant.{m}" for m in ("errors", "atomic", "hub", "finite", "signals", "outputs")}
+CLICK_OUTSIDE_COMMANDS = {"r1v_quant.model.card"}
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for folder, package in PACKAGES.items():
+    for f in sorted(ROOT.joinpath("r1v_quant").rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    for folder in ("calibration", "exporters"):
         for f in sorted((ROOT / folder).glob("*.py")):
+            package = FOLDERS[folder]
             out[package if f.stem == "__init__" else f"{package}.{f.stem}"] = f
     return out
 
 
 MODULES = _modules()
+
+
+def layer(module: str) -> str:
+    """The stage package a module belongs to ("" for the root package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
 
 
 def _imports(name: str, path: Path) -> set[str]:
@@ -129,29 +120,38 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_reader_sees_the_package() -> None:
     """The rules below mean something only if the graph is the real one."""
-    assert len(MODULES) > 60 and "r1v_quant.exporters.gguf_llm" in MODULES
+    assert len(MODULES) > 70 and "r1v_quant.exporters.gguf_llm" in MODULES
     assert "r1v_quant.calibration.pipeline" in GRAPH["r1v_quant.calibration"]  # the façade
-    assert "r1v_quant.awq_format" in GRAPH["r1v_quant.model"]  # a lazy import inside a method
-    assert "r1v_quant.calibration.job_plan" in GRAPH["r1v_quant.calibration.pipeline"]  # relative
+    assert "r1v_quant.model.awq_layout" in GRAPH["r1v_quant.model.reference"]  # a lazy import inside a method
+    assert "r1v_quant.calibration.job_plan" in GRAPH["r1v_quant.calibration.pipeline"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_module_lives_in_a_declared_stage() -> None:
+    assert {layer(m) for m in MODULES} == {"", *LAYERS}
+    assert [m for m in MODULES if layer(m) == ""] == ["r1v_quant"]  # no flat modules beside the packages
 
 
 def test_no_import_cycles() -> None:
     assert _cycles(GRAPH) == []
 
 
-def test_commands_are_imported_only_by_commands() -> None:
-    assert set(MODULES) >= COMMANDS
-    wrong = {m: sorted(GRAPH[m] & COMMANDS) for m in MODULES if m not in COMMANDS and GRAPH[m] & COMMANDS}
+@pytest.mark.parametrize("package", LAYERS)
+def test_imports_flow_down_the_stack(package: str) -> None:
+    allowed = {"", *LAYERS[: LAYERS.index(package) + 1]}
+    wrong = {
+        m: sorted(t for t in GRAPH[m] if layer(t) not in allowed)
+        for m in MODULES
+        if layer(m) == package and any(layer(t) not in allowed for t in GRAPH[m])
+    }
     assert wrong == {}
+
+
+def test_nothing_imports_the_command_line() -> None:
+    wrong = {m: sorted(t for t in GRAPH[m] if layer(t) == "cli") for m in MODULES if layer(m) != "cli"}
+    assert {m: v for m, v in wrong.items() if v} == {}
 
 
 def test_click_only_in_commands() -> None:
     users = {m for m, p in MODULES.items() if _uses_click(p)}
-    assert users - COMMANDS == CLICK_OUTSIDE_COMMANDS
-
-
-@pytest.mark.parametrize("module", sorted(MODEL_LAYER))
-def test_model_layer_imports_only_itself_and_leaf_utilities(module: str) -> None:
-    assert module in MODULES
-    assert GRAPH[module] - MODEL_LAYER - MODEL_LAYER_MAY_USE == set()
+    assert {m for m in users if layer(m) != "cli"} == CLICK_OUTSIDE_COMMANDS

@@ -10,13 +10,13 @@ import pytest
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from r1v_quant.checkpoint import open_checkpoint  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
+from r1v_quant.data.synthdata import render_shape  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
-from r1v_quant.llamacpp_runtime import LlamaCppRuntime, find_gguf_pair, sample_token  # noqa: E402
-from r1v_quant.model import R1VModel, build_inputs  # noqa: E402
-from r1v_quant.synthdata import render_shape  # noqa: E402
+from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
+from r1v_quant.model.reference import R1VModel, build_inputs  # noqa: E402
+from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair, sample_token  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 QUESTION = "What color is the shape in the image?"

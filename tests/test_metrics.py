@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from r1v_quant.metrics import concat_stats, kld_summary, nll, summarize, token_kld, token_stats
+from r1v_quant.evaluate.metrics import concat_stats, kld_summary, nll, summarize, token_kld, token_stats
 
 
 def test_kld_by_hand() -> None:

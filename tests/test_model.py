@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from r1v_quant.checkpoint import open_checkpoint
-from r1v_quant.model import R1VModel, build_inputs
-from r1v_quant.vision import pixel_shuffle
+from r1v_quant.model.checkpoint import open_checkpoint
+from r1v_quant.model.reference import R1VModel, build_inputs
+from r1v_quant.model.vision import pixel_shuffle
 
 
 def _shuffle_loops(x: torch.Tensor, version: str) -> torch.Tensor:
@@ -119,7 +119,7 @@ def test_llm_matches_transformers_qwen2(tiny_dir) -> None:
 
 
 def test_kv_cache_matches_full_forward(tiny_dir) -> None:
-    from r1v_quant.llm import KVCache
+    from r1v_quant.model.llm import KVCache
 
     model = R1VModel.from_checkpoint(tiny_dir)
     ids = torch.randint(0, model.spec.llm.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -133,8 +133,8 @@ def test_kv_cache_matches_full_forward(tiny_dir) -> None:
 def test_image_prompt_answer_is_deterministic_and_uses_the_image(tiny_dir, tmp_path) -> None:
     """The colour of a square in each of the four colours: the build verified these pictures, so every
     answer is right; the same prompt twice gives the same tokens."""
-    from r1v_quant.generate import answer
-    from r1v_quant.synthdata import COLORS, render_shape
+    from r1v_quant.data.synthdata import COLORS, render_shape
+    from r1v_quant.runtime.generate import answer
 
     q = "What color is the shape in the image?"
     answers = {}
@@ -150,9 +150,9 @@ def test_image_prompt_answer_is_deterministic_and_uses_the_image(tiny_dir, tmp_p
 
 def test_trained_replica_is_peaked_and_has_outliers(tiny_dir) -> None:
     """Output entropy far below uniform; linear inputs carry a few extreme channels (like real LLMs)."""
-    from r1v_quant.prompts import build_prompt
-    from r1v_quant.synthdata import text_problems
-    from r1v_quant.tokenizer import R1VTokenizer
+    from r1v_quant.data.synthdata import text_problems
+    from r1v_quant.model.prompts import build_prompt
+    from r1v_quant.model.tokenizer import R1VTokenizer
 
     model = R1VModel.from_checkpoint(tiny_dir)
     tok = R1VTokenizer.from_dir(tiny_dir)

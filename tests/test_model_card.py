@@ -11,10 +11,8 @@ import yaml
 from click.testing import CliRunner
 from test_hub import CARD, REPO, SHA_MAIN, add_snapshot
 
-from r1v_quant.cli import Group
-from r1v_quant.errors import R1VError
-from r1v_quant.hub import resolve_model
-from r1v_quant.model_card import (
+from r1v_quant.cli.main import Group
+from r1v_quant.model.card import (
     CARD_NAME,
     GGUF_MANIFEST,
     QUALITY_BEGIN,
@@ -24,6 +22,8 @@ from r1v_quant.model_card import (
     update_card_quality,
     write_card,
 )
+from r1v_quant.util.errors import R1VError
+from r1v_quant.util.hub import resolve_model
 
 ROWS = [
     {
@@ -129,7 +129,7 @@ def test_license_fields_survive_yaml(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_gguf_folder_card_collects_runs_and_keeps_quality(offline: Path, tmp_path: Path) -> None:
     gguf = pytest.importorskip("gguf")
-    from r1v_quant.exporters.cli_gguf import gguf_command
+    from r1v_quant.cli.gguf import gguf_command
 
     group = Group(commands={"gguf": gguf_command})
     out = tmp_path / "gguf"
@@ -170,7 +170,7 @@ def test_gguf_folder_card_collects_runs_and_keeps_quality(offline: Path, tmp_pat
 def test_onnx_card(offline: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from r1v_quant.exporters.onnx_cli import onnx_command
+    from r1v_quant.cli.onnx import onnx_command
 
     out = tmp_path / "onnx"
     r = CliRunner().invoke(onnx_command, [REPO, "--out", str(out), "--no-verify", "--json"])
@@ -207,7 +207,7 @@ def test_update_card_quality(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_gguf_card_names_split_shards_and_imatrix(tiny_dir: Path, tmp_path: Path) -> None:
     """A split language model is run from its first shard; an importance matrix is listed, not run."""
-    from r1v_quant.model_card import write_gguf_card
+    from r1v_quant.model.card import write_gguf_card
 
     shards = [tmp_path / f"m-Q4_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
     for i, f in enumerate([*shards, tmp_path / "m-Q4_K_M.imatrix.gguf", tmp_path / "mmproj-m-F16.gguf"]):

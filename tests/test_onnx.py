@@ -1,4 +1,4 @@
-"""ONNX export of vision tower + pixel shuffle + mlp1 (exporters/onnx_vision, onnx_runner, onnx_cli)."""
+"""ONNX export of vision tower + pixel shuffle + mlp1 (exporters/onnx_vision, runtime/onnx, cli/onnx)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,7 @@ from PIL import Image
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from r1v_quant.errors import R1VError  # noqa: E402
-from r1v_quant.exporters.onnx_cli import onnx_command  # noqa: E402
-from r1v_quant.exporters.onnx_runner import (  # noqa: E402
-    CPU,
-    CUDA,
-    OnnxVisionEncoder,
-    ProviderFallbackWarning,
-    choose_providers,
-)
+from r1v_quant.cli.onnx import onnx_command  # noqa: E402
 from r1v_quant.exporters.onnx_vision import (  # noqa: E402
     DATA_NAME,
     MODEL_NAME,
@@ -33,9 +25,17 @@ from r1v_quant.exporters.onnx_vision import (  # noqa: E402
     export_onnx,
     relocate_model,
 )
-from r1v_quant.model import R1VModel  # noqa: E402
-from r1v_quant.preprocess import IMAGENET_MEAN, IMAGENET_STD, find_grid, preprocess_image  # noqa: E402
-from r1v_quant.spec import load_spec  # noqa: E402
+from r1v_quant.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, find_grid, preprocess_image  # noqa: E402
+from r1v_quant.model.reference import R1VModel  # noqa: E402
+from r1v_quant.model.spec import load_spec  # noqa: E402
+from r1v_quant.runtime.onnx import (  # noqa: E402
+    CPU,
+    CUDA,
+    OnnxVisionEncoder,
+    ProviderFallbackWarning,
+    choose_providers,
+)
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 
@@ -328,6 +328,6 @@ def test_cli_json(tmp_path: Path, tiny_dir: Path) -> None:
     assert report["weights"] == "int8" and report["path"] == str(out) and report["verification"] is None
     assert (out / MODEL_NAME).is_file()
     res = CliRunner().invoke(onnx_command, [str(tiny_dir), "--out", str(out)])
-    assert isinstance(res.exception, R1VError)  # r1v_quant.cli's Group turns it into one line, exit 2
+    assert isinstance(res.exception, R1VError)  # r1v_quant.cli.main's Group turns it into one line, exit 2
     res = CliRunner().invoke(onnx_command, [str(tiny_dir), "--out", str(tmp_path / "x"), "--dtype", "int4"])
     assert res.exit_code == 2 and "int4" in res.output

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1v_quant.artifact import Geometry, describe_artifact
-from r1v_quant.errors import R1VError
-from r1v_quant.formats import weight_bytes
-from r1v_quant.memory_model import (
+from r1v_quant.model.artifact import Geometry, describe_artifact
+from r1v_quant.model.presets import preset_spec
+from r1v_quant.model.storage import weight_bytes
+from r1v_quant.plan.memory_model import (
     Config,
     Workload,
     clip_compute_buffer,
@@ -23,8 +23,8 @@ from r1v_quant.memory_model import (
     peaks,
     torch_prefill_activations,
 )
-from r1v_quant.planner import format_plan, parse_device, parse_size, plan
-from r1v_quant.presets import preset_spec
+from r1v_quant.plan.planner import format_plan, parse_device, parse_size, plan
+from r1v_quant.util.errors import R1VError
 
 GiB = 1024**3
 MiB = 1024**2
@@ -102,7 +102,7 @@ def test_awq_on_30gb_gpu(plan38: dict) -> None:
 
 def test_max_context_is_the_boundary(plan38: dict) -> None:
     """At the reported largest context the config fits; 256 tokens more and it does not."""
-    from r1v_quant.planner import evaluate
+    from r1v_quant.plan.planner import evaluate
 
     g = Geometry.from_spec(preset_spec("r1v-38b"))
     dev = parse_device("cpu:32GB")
@@ -131,7 +131,7 @@ def test_text_report(plan38: dict) -> None:
 def test_plan_cli() -> None:
     from click.testing import CliRunner
 
-    from r1v_quant.cli import main
+    from r1v_quant.cli.main import main
 
     res = CliRunner().invoke(main, ["plan", "--preset", "r1v3-38b", "--device", "cpu:32GB", "--markdown"])
     assert res.exit_code == 0, res.output
@@ -190,7 +190,7 @@ def gguf_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
 @pytest.mark.parametrize("n_ctx", [512, 2048])
 def test_llama_buffers_match_llamacpp_log(gguf_dirs: dict[str, Path], n_ctx: int, capsys) -> None:
     """llama.cpp logs the KV and compute buffers it allocates; the planner's formulas must agree."""
-    from r1v_quant.llamacpp_runtime import LlamaCppRuntime
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
     art = describe_artifact(gguf_dirs["Q8_0"])
     with LlamaCppRuntime(art.llm_gguf, n_ctx=n_ctx, n_threads=1, verbose=True):
@@ -205,7 +205,7 @@ def test_llama_buffers_match_llamacpp_log(gguf_dirs: dict[str, Path], n_ctx: int
 
 @pytest.mark.llamacpp
 def test_clip_buffer_matches_libmtmd_log(gguf_dirs: dict[str, Path], capsys) -> None:
-    from r1v_quant.exporters.mtmd_runtime import MtmdVision
+    from r1v_quant.runtime.mtmd import MtmdVision
 
     art = describe_artifact(gguf_dirs["Q4_K_M"])
     with MtmdVision(art.mmproj_gguf, n_threads=1, verbose=True) as mv:
@@ -243,7 +243,7 @@ def _photo(path: Path, w: int, h: int) -> Path:
 
 
 def _check_prediction(path: Path, image: Path, prompt_tokens: int) -> None:
-    from r1v_quant.profiler import profile
+    from r1v_quant.profile.profiler import profile
 
     r = profile(
         path, threads=1, prompt_tokens=prompt_tokens, gen_tokens=4, image=image, repeat=1, roofline=False,

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from r1v_quant.errors import R1VError
-from r1v_quant.preprocess import (
+from r1v_quant.model.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_CONTEXT,
@@ -28,6 +27,7 @@ from r1v_quant.preprocess import (
     target_ratios,
     to_tensor,
 )
+from r1v_quant.util.errors import R1VError
 
 # --------------------------------------------------------------------------------------------------------
 # Independent reference: InternVL's dynamic_preprocess / find_closest_aspect_ratio transcribed literally.

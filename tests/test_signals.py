@@ -1,4 +1,5 @@
-"""r1v_quant.signals: Ctrl-C around child processes, including the race that let a child outlive its run."""
+"""r1v_quant.util.signals: Ctrl-C around child processes, including the race that let a child outlive its
+run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from r1v_quant import signals
+from r1v_quant.util import signals
 
 
 def test_ctrl_c_landing_while_the_child_starts_still_kills_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,2 @@
+"""The `r1v-quant` command line: click commands, thin wrappers over the library. Nothing imports this
+package."""

@@ -1,0 +1,1 @@
+"""Generated reasoning problems and the held-out scoring windows built from them."""

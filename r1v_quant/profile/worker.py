@@ -1,0 +1,521 @@
+"""One measured run of `r1v-quant profile`, in a process of its own (`python -m r1v_quant.profile.worker`).
+
+A fresh process per run isolates the model's memory: after imports and a warm-up on a toy model of the
+same architecture (so torch's one-time initialisation, thread pools and kernels are not counted as the
+model's), the worker records its resident memory as the baseline, resets the kernel's peak counter
+(/proc/self/clear_refs, "5" resets VmHWM) and then reads VmHWM after each phase: load, vision,
+prefill, decode. With CUDA it also reads torch.cuda.max_memory_allocated per phase (not tested here: no
+GPU on this machine).
+
+The request comes as JSON on stdin; the result is one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+FILLER = (
+    "A train leaves the station at nine and travels north at sixty kilometres per hour while a second "
+    "train leaves an hour later on the same line at ninety kilometres per hour; the table lists the "
+    "distances, the times and the fuel used on every leg of both journeys, and the chart beside it "
+    "plots the same numbers. "
+)
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+def _status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemoryProbe:
+    """Peak resident memory (and CUDA memory) per phase, relative to a baseline."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.base = 0
+        self.phases: dict[str, dict[str, int]] = {}
+        self.resettable = self._reset()
+        self.method = (
+            "VmHWM reset per phase via /proc/self/clear_refs"
+            if self.resettable
+            else "getrusage ru_maxrss (no per-phase reset on this system)"
+        )
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def rss() -> int:
+        return _status("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    @staticmethod
+    def hwm() -> int:
+        return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def start(self) -> None:
+        gc.collect()
+        self.base = self.rss()
+        self._reset()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.cuda_base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    def phase(self, name: str) -> None:
+        rec = {"rss_peak": self.hwm(), "rss_end": self.rss()}
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            rec["vram_peak"] = torch.cuda.max_memory_allocated()
+            rec["vram_reserved_peak"] = torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
+        self.phases[name] = rec
+        self._reset()
+
+    def report(self) -> dict[str, Any]:
+        peak = max((p["rss_peak"] for p in self.phases.values()), default=self.base)
+        out: dict[str, Any] = {
+            "baseline_rss": self.base,
+            "peak_rss": peak,
+            "peak_rss_model": peak - self.base,
+            "phase_rss_peak_model": {k: v["rss_peak"] - self.base for k, v in self.phases.items()},
+            "phase_rss_end_model": {k: v["rss_end"] - self.base for k, v in self.phases.items()},
+            "rss_method": self.method,
+        }
+        if self.cuda:
+            out["peak_vram"] = max(p["vram_peak"] for p in self.phases.values())
+            out["peak_vram_reserved"] = max(p["vram_reserved_peak"] for p in self.phases.values())
+            out["phase_vram_peak"] = {k: v["vram_peak"] for k, v in self.phases.items()}
+        return out
+
+
+# -- prompts -----------------------------------------------------------------------------------------------
+def sized_prompt(
+    render: Callable[[str], str], encode: Callable[[str], list[int]], target: int
+) -> tuple[str, list[int]]:
+    """The question (filler text) whose rendered prompt is the longest not over `target` tokens."""
+    words = FILLER.split()
+
+    def text(n: int) -> str:
+        return " ".join(words[i % len(words)] for i in range(n))
+
+    lo, hi = 0, 1
+    while len(encode(render(text(hi)))) <= target and hi < 1_000_000:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(encode(render(text(mid)))) <= target:
+            lo = mid
+        else:
+            hi = mid
+    ids = encode(render(text(lo)))
+    if len(ids) > target:
+        raise ValueError(f"--prompt-tokens {target} is shorter than the template and image ({len(ids)})")
+    return text(lo), ids
+
+
+def count_tiles(image_path: str | None, spec_tiling: dict[str, Any]) -> int:
+    if not image_path:
+        return 0
+    from r1v_quant.model.preprocess import find_grid, open_image
+
+    img = open_image(image_path)
+    if not spec_tiling["dynamic"]:
+        return 1
+    cols, rows = find_grid(
+        img.width, img.height, min_num=spec_tiling["min"], max_num=spec_tiling["max"],
+        image_size=spec_tiling["size"],
+    )  # fmt: skip
+    n = cols * rows
+    return n + (1 if spec_tiling["thumbnail"] and n > 1 else 0)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+# -- torch backend -----------------------------------------------------------------------------------------
+def _toy_spec(spec: Any) -> Any:
+    """The same architecture at toy width: 1 ViT layer x 64, 1 decoder layer x 64 (2 heads / 1 KV head)."""
+    v = replace(spec.vision, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+    m = replace(
+        spec.llm, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
+        intermediate_size=128, vocab_size=max(spec.llm.vocab_size, 8),
+    )  # fmt: skip
+    return replace(spec, vision=v, llm=m)
+
+
+def warm_up_torch(spec: Any, device: str, dtype: Any) -> None:
+    """Run every op of the forward once on a toy model (one-time initialisation is the runtime's cost)."""
+    import torch
+
+    from r1v_quant.model.llm import KVCache
+    from r1v_quant.model.reference import R1VModel
+
+    toy = _toy_spec(spec)
+    with torch.device("meta"):
+        R1VModel(spec)  # torch's first meta-device module build initialises ~80 MB once
+    model = R1VModel(toy).to(device=device, dtype=dtype).eval()
+    with torch.no_grad(), torch.device(device):
+        s = spec.vision.image_size
+        emb = model.image_embeds(torch.zeros(1, 3, s, s, dtype=dtype))
+        lm = model.language_model
+        cache = KVCache(1)
+        h = lm.forward_embeds(emb.reshape(1, -1, 64)[:, :8].to(dtype), cache)
+        lm.logits(lm.forward_embeds(lm.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long)), cache))
+        del h
+    del model
+    gc.collect()
+
+
+def run_torch(req: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.llm import KVCache
+    from r1v_quant.model.preprocess import expand_image_placeholders, preprocess_for_spec
+    from r1v_quant.model.prompts import build_prompt
+    from r1v_quant.model.reference import R1VModel
+    from r1v_quant.model.tokenizer import R1VTokenizer
+
+    device = req["device"]
+    if req.get("threads"):
+        torch.set_num_threads(req["threads"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[req["dtype"]]
+    cuda = device == "cuda"
+    ckpt = open_checkpoint(req["path"])
+    spec = ckpt.spec
+    tok = R1VTokenizer.from_dir(req["path"])
+    tiling = {
+        "dynamic": spec.dynamic_image_size, "min": spec.min_dynamic_patch, "max": spec.max_dynamic_patch,
+        "size": spec.force_image_size, "thumbnail": spec.use_thumbnail,
+    }  # fmt: skip
+    tiles = count_tiles(req.get("image"), tiling)
+
+    def render(question: str) -> str:
+        content = ("<image>\n" if tiles else "") + question
+        text = build_prompt(spec.flavor, [{"role": "user", "content": content}], think=True)
+        return expand_image_placeholders(text, [tiles] if tiles else [], spec.num_image_token)
+
+    _, ids_list = sized_prompt(render, tok.encode, req["prompt_tokens"])
+    warm_up_torch(spec, device, dtype)
+    if tiles:  # first use of the image libraries (decoders, resampling) is the runtime's, not the model's
+        preprocess_for_spec(req["image"], spec)
+    onnx = None
+    if req.get("onnx_vision"):
+        from r1v_quant.runtime.onnx import OnnxVisionEncoder  # imported before the baseline
+    mem = MemoryProbe(cuda)
+    mem.start()
+
+    t0 = _now()
+    model = R1VModel.from_checkpoint(ckpt, dtype=dtype)
+    if req.get("onnx_vision"):
+        threads = req.get("threads") or 0
+        onnx = OnnxVisionEncoder(req["onnx_vision"], provider=device, threads=threads, strict=True)
+        del model.vision_model, model.mlp1  # the ONNX session replaces the torch tower
+        gc.collect()
+    model = model.to(device)
+    if cuda:
+        torch.cuda.synchronize()
+    load_s = _now() - t0
+    mem.phase("load")
+
+    lm = model.language_model
+    gen = req["gen_tokens"]
+    with torch.no_grad(), torch.device(device):
+        t_req = _now()
+        pixels = None
+        if tiles:
+            pixels = preprocess_for_spec(req["image"], spec).pixel_values
+        ids = torch.tensor([ids_list], device=device)
+        t_pre = _now()
+        emb = None
+        if pixels is not None:
+            if onnx is not None:
+                emb = torch.from_numpy(onnx.encode(pixels.numpy())).to(device=device, dtype=dtype)
+            else:
+                emb = model.image_embeds(pixels.to(device=device, dtype=dtype))
+            if cuda:
+                torch.cuda.synchronize()
+        t_vis = _now()
+        del pixels
+        mem.phase("vision")
+
+        embeds = model.embed(ids, image_embeds=emb)
+        del emb
+        cache = KVCache(spec.llm.num_layers)
+        hidden = lm.forward_embeds(embeds, cache)
+        nxt = int(lm.logits(hidden[:, -1]).argmax(-1)[0])
+        if cuda:
+            torch.cuda.synchronize()
+        t_first = _now()
+        del embeds, hidden
+        mem.phase("prefill")
+
+        out = [nxt]
+        for _ in range(gen - 1):  # a fixed number of tokens: stop tokens are not honoured here
+            h = lm.forward_embeds(lm.model.embed_tokens(torch.tensor([[out[-1]]], device=device)), cache)
+            out.append(int(lm.logits(h[:, -1]).argmax(-1)[0]))
+        if cuda:
+            torch.cuda.synchronize()
+        t_end = _now()
+        mem.phase("decode")
+
+    n_prompt = len(ids_list)
+    return {
+        "load_s": load_s,
+        "preprocess_s": t_pre - t_req,
+        "vision_s": (t_vis - t_pre) if tiles else None,
+        "vision_ms_per_tile": (t_vis - t_pre) * 1000 / tiles if tiles else None,
+        "prefill_s": t_first - t_vis,
+        "ttft_s": t_first - t_req,
+        "prefill_tokens_per_s": n_prompt / (t_first - t_vis),
+        "decode_s": t_end - t_first,
+        "decode_tokens_per_s": (gen - 1) / (t_end - t_first) if gen > 1 else None,
+        "prompt_tokens": n_prompt,
+        "image_tiles": tiles,
+        "gen_tokens": len(out),
+        "ctx_used": n_prompt + len(out),
+        "vision_runtime": "onnx" if onnx is not None else "torch",
+        "onnx": onnx.report() if onnx is not None else None,
+        "threads": torch.get_num_threads(),
+        **mem.report(),
+    }
+
+
+# -- llama.cpp backend -------------------------------------------------------------------------------------
+def _vram_used() -> int | None:
+    """Device-wide used GPU memory (llama.cpp allocates outside torch, so max_memory_allocated is blind)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return int(total - free)
+    except Exception:
+        return None
+
+
+def write_toy_gguf(path: Path, *, hidden: int = 64, ffn: int = 128, heads: int = 2, vocab: int = 64) -> Path:
+    """A one-layer Qwen2 GGUF with random F32 weights: the warm-up model for the llama.cpp backend."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("r1v-quant profiler warm-up")
+    w.add_context_length(4096)
+    w.add_embedding_length(hidden)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([f"<t{i}>" for i in range(vocab)])
+    w.add_token_types([gguf.TokenType.CONTROL] * vocab)
+    w.add_token_merges(["a b"])  # the BPE loader requires a merges list
+    w.add_eos_token_id(vocab - 1)
+    w.add_string("r1v_quant.flavor", "r1v")
+    rng = np.random.default_rng(0)
+    d = hidden // heads
+    shapes = {
+        "token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+        "output.weight": (vocab, hidden),
+        "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+        "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_q.bias": (hidden,),
+        "blk.0.attn_k.weight": (d, hidden), "blk.0.attn_k.bias": (d,),
+        "blk.0.attn_v.weight": (d, hidden), "blk.0.attn_v.bias": (d,),
+        "blk.0.attn_output.weight": (hidden, hidden), "blk.0.ffn_gate.weight": (ffn, hidden),
+        "blk.0.ffn_up.weight": (ffn, hidden), "blk.0.ffn_down.weight": (hidden, ffn),
+    }  # fmt: skip
+    for name, shape in shapes.items():
+        w.add_tensor(name, (0.02 * rng.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def warm_up_llamacpp(threads: int | None, vision: bool) -> None:
+    """Load, decode and free a toy model (and encode a tile through a probe mmproj) before the baseline:
+    the libraries' code pages, tables and thread pools are the runtime's cost, not the model's."""
+    import tempfile
+
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime
+
+    with tempfile.TemporaryDirectory(prefix="r1v-profile-") as td:
+        toy = write_toy_gguf(Path(td) / "toy.gguf")
+        with LlamaCppRuntime(toy, n_ctx=256, n_threads=threads) as rt:
+            rt.generate([1, 2, 3], max_new_tokens=2, ignore_stop=True)
+    if vision:
+        from r1v_quant.exporters.gguf_mmproj import detect_position_order
+
+        detect_position_order()  # writes a probe mmproj and encodes one tile with libmtmd
+    gc.collect()
+
+
+def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from r1v_quant.model.preprocess import expand_image_placeholders
+    from r1v_quant.model.prompts import build_prompt
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair, mmproj_tiling
+
+    llm, mmproj = find_gguf_pair(req["path"])
+    if req.get("mmproj"):
+        mmproj = Path(req["mmproj"])
+    onnx = None
+    if req.get("onnx_vision"):
+        mmproj = None  # the ONNX session replaces libmtmd
+    tiling: dict[str, Any] | None = None
+    if mmproj is not None:
+        t = mmproj_tiling(mmproj)
+        import gguf
+
+        size = gguf.GGUFReader(mmproj).get_field("clip.vision.image_size").contents()
+        tiling = {"dynamic": t["dynamic"], "min": t["min_num"], "max": t["max_num"], "size": int(size),
+                  "thumbnail": t["use_thumbnail"]}  # fmt: skip
+    elif req.get("onnx_vision"):
+        from r1v_quant.runtime.onnx import PREPROCESSING_NAME, read_json
+
+        pp = read_json(Path(req["onnx_vision"]) / PREPROCESSING_NAME).get("tiling", {})
+        tiling = {"dynamic": bool(pp.get("dynamic", True)), "min": int(pp.get("min_tiles", 1)),
+                  "max": int(pp.get("max_tiles", 12)), "size": 448,
+                  "thumbnail": bool(pp.get("use_thumbnail", True))}  # fmt: skip
+    image = req.get("image") if tiling else None
+    tiles = count_tiles(image, tiling) if tiling else 0
+    cuda = req["device"] == "cuda"
+
+    warm_up_llamacpp(req.get("threads"), bool(tiles and mmproj is not None))
+    mem = MemoryProbe(False)
+    mem.start()
+    vram0 = _vram_used() if cuda else None
+    t0 = _now()
+    rt = LlamaCppRuntime(
+        llm, mmproj, n_ctx=req["ctx"], n_threads=req.get("threads") or None, n_gpu_layers=999 if cuda else 0
+    )
+    if mmproj is not None and tiles:
+        rt.vision  # noqa: B018 - loads the mmproj now, so its time and memory count as loading
+    if req.get("onnx_vision"):
+        from r1v_quant.runtime.onnx import OnnxVisionEncoder
+
+        onnx = OnnxVisionEncoder(
+            req["onnx_vision"], provider=req["device"], threads=req.get("threads") or 0, strict=True
+        )
+    load_s = _now() - t0
+    mem.phase("load")
+    vram_load = _vram_used() if cuda else None
+
+    def render(question: str) -> str:
+        content = ("<image>\n" if tiles else "") + question
+        text = build_prompt(rt.flavor, [{"role": "user", "content": content}], think=True)
+        return expand_image_placeholders(text, [tiles] if tiles else [], 256)
+
+    _, ids = sized_prompt(render, rt.tokenize, req["prompt_tokens"])
+    gen = req["gen_tokens"]
+    if len(ids) + gen > rt.n_ctx:
+        raise ValueError(f"{len(ids)} prompt + {gen} generated tokens exceed --ctx {rt.n_ctx}")
+
+    t_req = _now()
+    emb = None
+    if tiles:
+        if onnx is not None:
+            e, _ = onnx.encode_image(image)
+            emb = np.ascontiguousarray(e.reshape(-1, e.shape[-1]), dtype=np.float32)
+        else:
+            emb = rt.image_embeds(image)
+    t_vis = _now()
+    mem.phase("vision")
+
+    first: list[float] = []
+
+    def on_token(_: int) -> None:
+        if not first:
+            first.append(_now())
+            mem.phase("prefill")
+
+    # profiling decodes exactly --gen-tokens tokens
+    res = rt.generate(ids, emb, max_new_tokens=gen, on_token=on_token, ignore_stop=True)
+    mem.phase("decode")
+    vram_end = _vram_used() if cuda else None
+    tm = res.timings
+    n_gen = int(tm["n_gen"])
+    out = {
+        "load_s": load_s,
+        "preprocess_s": None,
+        "vision_s": (t_vis - t_req) if tiles else None,
+        "vision_ms_per_tile": (t_vis - t_req) * 1000 / tiles if tiles else None,
+        "prefill_s": tm["prompt_s"],
+        "ttft_s": first[0] - t_req if first else None,
+        "prefill_tokens_per_s": tm["n_prompt"] / tm["prompt_s"],
+        "decode_s": tm["decode_s"],
+        "decode_tokens_per_s": n_gen / tm["decode_s"] if n_gen else None,
+        "prompt_tokens": len(ids),
+        "image_tiles": tiles,
+        "gen_tokens": n_gen,
+        "ctx_used": len(ids) + n_gen,
+        "n_ctx": rt.n_ctx,
+        "n_ubatch": rt.n_batch,
+        "vision_runtime": "onnx" if onnx is not None else ("llama.cpp mmproj" if tiles else None),
+        "onnx": onnx.report() if onnx is not None else None,
+        "threads": rt.n_threads,
+        **mem.report(),
+    }
+    if cuda:
+        out["vram_used"] = {"before": vram0, "after_load": vram_load, "end": vram_end}
+        if vram0 is not None and vram_end is not None:
+            out["peak_vram"] = max(vram_load or 0, vram_end) - vram0
+    rt.close()
+    return out
+
+
+BACKENDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "torch": run_torch,
+    "llama.cpp": run_llamacpp,
+}
+
+
+def main() -> None:
+    req = json.loads(sys.stdin.read())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = BACKENDS[req["backend"]](req)
+        print(json.dumps({"ok": True, "result": result}))
+    except Exception as e:  # reported to the parent as one line; it decides how to surface it
+        print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

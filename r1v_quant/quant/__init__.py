@@ -1,0 +1,2 @@
+"""Quantization algorithms: activation-aware scale and clip search (the math; data movement lives in
+calibration)."""

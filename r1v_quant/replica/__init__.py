@@ -1,0 +1,2 @@
+"""The built-in tiny Skywork-R1V replica: real config keys, tensor names and templates, trained to a
+verified skill."""

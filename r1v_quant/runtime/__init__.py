@@ -1,0 +1,2 @@
+"""Engines that run a model: the torch reference, llama.cpp (+ libmtmd for images), ONNX Runtime, and the
+request/answer protocol they share."""
