@@ -286,6 +286,7 @@ def plan(
     host_ram: str | None = None,
     top: int = 5,
     images: int = 1,
+    mmproj: Path | str | None = None,
 ) -> dict[str, Any]:
     if (model is None) == (preset is None):
         raise R1VError("give either --model DIR or --preset NAME")
@@ -310,13 +311,17 @@ def plan(
         formats = {f: sum(weight_bytes(spec, f).values()) for f in LLM_FORMATS}
         source: dict[str, Any] = {"preset": preset, "flavor": spec.flavor, "formats": formats}
     else:
-        art = describe_artifact(model)  # type: ignore[arg-type]
+        art = describe_artifact(model, mmproj=mmproj)  # type: ignore[arg-type]
         g = art.geometry
         source = {"path": str(art.path), "kind": art.kind, "flavor": art.flavor, "llm_format": art.llm_format,
                   "vision_format": art.vision_format, "stored": art.stored,
                   "llm_gguf": str(art.llm_gguf) if art.llm_gguf else None,
                   "mmproj_gguf": str(art.mmproj_gguf) if art.mmproj_gguf else None}  # fmt: skip
     tiles = 0 if images == 0 else g.max_tiles if tiles is None else tiles
+    notes = list(NOTES)
+    if ctx > g.max_ctx:  # vLLM refuses a --max-model-len above max_position_embeddings; llama.cpp warns
+        notes.insert(0, f"The context asked for ({ctx}) is above the model's limit: planned at {g.max_ctx}.")
+        ctx = g.max_ctx
     res_bytes = parse_size(reserve) if reserve else None
     host = parse_size(host_ram) if host_ram else None
     out_devices = []
@@ -363,7 +368,7 @@ def plan(
         "tiles": tiles,
         "images": images,
         "devices": out_devices,
-        "notes": NOTES,
+        "notes": notes,
     }
 
 

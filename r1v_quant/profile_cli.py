@@ -144,6 +144,12 @@ def profile_command(
     default=None,
     help="Print the command line that runs the best fitting configuration of this engine (one --device).",
 )
+@click.option(
+    "--mmproj",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --model FILE.gguf: the vision tower's mmproj GGUF.",
+)
 @click.option("--serve-model", default=None, help="Model path or repo id to write into the --emit command.")
 @click.option("--serve-mmproj", default=None, help="mmproj path to write into a llama-server command.")
 @click.option("--json", "as_json", is_flag=True)
@@ -151,7 +157,7 @@ def plan_command(
     model: Path | None, preset: str | None, devices: tuple[str, ...], ctx: int, batch: int,
     prefill: int | None, tiles: int | None, images: int, runtime: str, dtype: str | None,
     kv_type: str | None, reserve: str | None, host_ram: str | None, top: int, markdown: bool,
-    emit: str | None, serve_model: str | None, serve_mmproj: str | None, as_json: bool,
+    emit: str | None, mmproj: Path | None, serve_model: str | None, serve_mmproj: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Memory breakdown, verdict, largest context and ranked configurations for each device; with
     --emit, the `vllm serve` or `llama-server` command line for the best configuration that fits."""
@@ -163,7 +169,7 @@ def plan_command(
     result = plan(
         model=model, preset=preset, devices=list(devices), ctx=ctx, batch=batch, prefill=prefill,
         tiles=tiles, runtime=runtime, dtype=dtype, kv_type=kv_type, reserve=reserve, host_ram=host_ram,
-        top=top, images=images,
+        top=top, images=images, mmproj=mmproj,
     )  # fmt: skip
     if emit:
         result["emit"] = emit_command(result, emit, model=serve_model, mmproj=serve_mmproj)

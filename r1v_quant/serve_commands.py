@@ -153,3 +153,34 @@ def emit(
     )
     return {"engine": engine, "device": d["device"], "config": best["config"], "argv": argv,
             "command": shlex.join(argv)}  # fmt: skip
+
+
+# Devices a model card gives commands for: common GPU sizes (GiB, as sold) and two laptop/desktop RAM sizes.
+CARD_DEVICES = {
+    "vllm": ("gpu:24GB", "gpu:32GB", "gpu:48GB", "gpu:80GB"),
+    "llama-server": ("gpu:24GB", "gpu:32GB", "gpu:48GB", "cpu:32GB", "cpu:64GB"),
+}
+
+
+def card_commands(
+    path: str | Path, engine: str, *, serve_model: str, serve_mmproj: str | None = None,
+    mmproj: str | Path | None = None, ctx: int = 32768,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The planner's command for the artifact at `path` on each of CARD_DEVICES[engine], devices with the
+    same command grouped: [{"devices": [...], "command": str | None, "note": str}]. A device where nothing
+    fits gets command None and the planner's one-line reason."""
+    from r1v_quant.planner import plan
+
+    out: list[dict[str, Any]] = []
+    for device in CARD_DEVICES[engine]:
+        try:
+            p = plan(model=path, mmproj=mmproj, devices=[device], ctx=ctx, runtime=RUNTIME_OF[engine])
+            e = emit(p, engine, model=serve_model, mmproj=serve_mmproj)
+            command, note = e["command"], e["config"]
+        except R1VError as err:
+            command, note = None, str(err)
+        if out and out[-1]["command"] == command and command is not None:
+            out[-1]["devices"].append(device)
+        else:
+            out.append({"devices": [device], "command": command, "note": note})
+    return out
