@@ -249,7 +249,13 @@ def clip_compute_buffer(g: Geometry) -> int:
 
 
 def llama_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
+    """libllama + libmtmd. With `cfg.gpu_layers` = L < layers (`-ngl L`, partial offload) the GPU holds L
+    decoder layers' weights and KV cells, the host the rest and the output matrix (llama.cpp offloads
+    the output layer only with -ngl > layers); each backend reserves a compute buffer for its part of the
+    graph, counted at the full size on both (an upper bound: llama.cpp sizes each for its worst split)."""
     dev_llm, dev_vis = cfg.llm_device, cfg.vision_device
+    partial = dev_llm == "gpu" and cfg.gpu_layers is not None and cfg.gpu_layers < g.llm_layers
+    share = cfg.gpu_layers / g.llm_layers if partial else 1.0  # type: ignore[operator]
     terms = []
     for k, v in cfg.weights.items():
         pool = dev_vis if k in ("vision", "projector") else dev_llm
@@ -257,30 +263,36 @@ def llama_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
         if k == "embeddings" and dev_llm == "gpu":
             emb = v // 2
             terms.append(Term("weights.token_embd", emb, "cpu", "resident", "always on the host"))
-            terms.append(Term("weights.output", v - emb, "gpu", "resident", cfg.llm_format))
+            terms.append(
+                Term("weights.output", v - emb, "cpu" if partial else "gpu", "resident", cfg.llm_format)
+            )
             continue
         fmt = cfg.vision_format if k in ("vision", "projector") else cfg.llm_format
+        if k == "decoder" and partial:
+            on_gpu = int(v * share)
+            terms.append(
+                Term("weights.decoder", on_gpu, "gpu", "resident", f"{fmt}, {cfg.gpu_layers} layers")
+            )
+            terms.append(
+                Term("weights.decoder_host", v - on_gpu, "cpu", "resident", f"{fmt}, the other layers")
+            )
+            continue
         terms.append(Term(f"weights.{k}", v, pool, "resident", fmt))
     n_ctx = pad(w.ctx, LLAMA_CTX_PAD)
-    terms.append(
-        Term(
-            "kv_cache",
-            kv_cache_bytes(g, n_ctx, cfg.kv_type, w.batch),
-            dev_llm,
-            "resident",
-            f"{n_ctx} cells, {cfg.kv_type}, allocated up front",
-        )
-    )
-    terms.append(
-        Term(
-            "compute_buffer",
-            llama_compute_buffer(g, n_ctx, w.prefill, cfg.flash_attn),
-            dev_llm,
-            "resident",
-            f"n_ubatch {w.prefill}, flash attention {'on' if cfg.flash_attn else 'off'}",
-        )
-    )
-    if dev_llm == "cpu":
+    kv = kv_cache_bytes(g, n_ctx, cfg.kv_type, w.batch)
+    kv_note = f"{n_ctx} cells, {cfg.kv_type}, allocated up front"
+    buf = llama_compute_buffer(g, n_ctx, w.prefill, cfg.flash_attn)
+    buf_note = f"n_ubatch {w.prefill}, flash attention {'on' if cfg.flash_attn else 'off'}"
+    if partial:
+        kv_gpu = int(kv * share)
+        terms.append(Term("kv_cache", kv_gpu, "gpu", "resident", f"{kv_note}, {cfg.gpu_layers} layers"))
+        terms.append(Term("kv_cache_host", kv - kv_gpu, "cpu", "resident", f"{kv_note}, the other layers"))
+        terms.append(Term("compute_buffer", buf, "gpu", "resident", buf_note))
+        terms.append(Term("compute_buffer_host", buf, "cpu", "resident", f"{buf_note}, the host's layers"))
+    else:
+        terms.append(Term("kv_cache", kv, dev_llm, "resident", kv_note))
+        terms.append(Term("compute_buffer", buf, dev_llm, "resident", buf_note))
+    if dev_llm == "cpu" or partial:
         terms.append(
             Term(
                 "work_buffer",

@@ -9,7 +9,7 @@ weight formats x KV-cache type x where the vision tower runs) is costed term by 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,25 @@ def artifact_configs(
     return out
 
 
+def _partial_offload(g: Geometry, cfg: Config, dev: Device, ctx: int, kw: dict[str, Any]) -> Config | None:
+    """llama.cpp on a GPU that cannot hold every layer: the same configuration with the most decoder
+    layers (`-ngl L`) that fit at `ctx`, the rest on the host; None when all fit or not even one does."""
+    if cfg.runtime != "llama.cpp" or cfg.llm_device != "gpu" or cfg.gpu_layers is not None:
+        return None
+    if evaluate(g, cfg, dev, ctx=ctx, **kw)["verdict"] != "does not fit":
+        return None
+
+    def ok(layers: int) -> bool:
+        c = replace(cfg, gpu_layers=layers)
+        return evaluate(g, c, dev, ctx=ctx, **kw)["verdict"] != "does not fit"
+
+    lo, hi = 0, g.llm_layers - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return replace(cfg, gpu_layers=lo) if lo > 0 else None
+
+
 # -- costing -----------------------------------------------------------------------------------------------
 def workload_for(
     cfg: Config, ctx: int, batch: int, prefill: int | None, tiles: int, images: int = 1
@@ -259,6 +278,7 @@ def _rank_key(r: dict[str, Any], device: Device) -> tuple:
         return (2, r["device_need"])
     return (
         VERDICT_ORDER[r["verdict"]],  # fitting with headroom at the asked context first
+        r["gpu_layers"] is not None,  # decoder layers on the host cost time on every token
         device.kind == "gpu" and r["vision_device"] != "gpu",  # a 6B ViT on a CPU costs seconds per tile
         TIERS.get(r["llm_format"], 9),
         r["runtime"] not in native,
@@ -335,9 +355,10 @@ def plan(
             cfgs = [c for c in cfgs if c.runtime == "torch" or c.kv_type == kv_type]
         if not cfgs:
             raise R1VError(f"no {'/'.join(runtimes)} configuration applies to {text}")
+        kw = {"batch": batch, "prefill": prefill, "tiles": tiles, "host_ram": host, "images": images}
+        cfgs += [c for c in (_partial_offload(g, cfg, dev, ctx, kw) for cfg in cfgs) if c is not None]
         rows = []
         for cfg in cfgs:
-            kw = {"batch": batch, "prefill": prefill, "tiles": tiles, "host_ram": host, "images": images}
             r = evaluate(g, cfg, dev, ctx=ctx, **kw)
             r["max_ctx"] = max_context(g, cfg, dev, **kw)
             rows.append(r)
@@ -378,7 +399,7 @@ def _group_kv(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         key = (r["runtime"], r["llm_format"], r["vision_format"], r["llm_device"], r["vision_device"],
-               r["enforce_eager"])  # fmt: skip
+               r["enforce_eager"], r["gpu_layers"] is not None)  # fmt: skip
         if key not in out:
             out[key] = {**r, "kv_options": {}}
         out[key]["kv_options"][r["kv_type"]] = {

@@ -286,3 +286,23 @@ def test_gguf_card_carries_the_planned_command(tiny_dir: Path, tmp_path: Path) -
     for device in ("gpu:24GB", "cpu:32GB"):
         cmd = _emitted("--model", str(llm), "--mmproj", str(mm), "--device", device, "--emit", "llama-server")
         assert cmd.startswith(f"llama-server -m {llm} --mmproj {mm} -c ") and cmd in body, (device, cmd)
+
+
+def test_llama_partial_offload_is_the_most_layers_that_fit(g38: Geometry) -> None:
+    """A 16 GiB GPU holds no 38B GGUF whole: llama-server gets -ngl L, the largest L that fits."""
+    code, out = _cli("--preset", "r1v-38b", "--device", "gpu:16GB", "--emit", "llama-server", "--json")
+    assert code == 0, out
+    p = json.loads(out)
+    row = next(r for r in p["devices"][0]["configs"] if r["config"] == p["emit"]["config"])
+    layers = row["gpu_layers"]
+    assert 0 < layers < 64 and _flags(p["emit"]["argv"])["-ngl"] == str(layers)
+    t = {x["name"]: x for x in row["terms"]}
+    dec = t["weights.decoder"]["bytes"] + t["weights.decoder_host"]["bytes"]
+    assert t["weights.decoder"]["pool"] == "gpu" and t["weights.decoder"]["bytes"] == int(dec * layers / 64)
+    assert t["weights.output"]["pool"] == "cpu"  # the output layer goes to the GPU only with -ngl > 64
+    cfg = Config("llama.cpp", row["llm_format"], row["vision_format"], row["kv_type"], "gpu",
+                 row["vision_device"], weights=row["weights"], gpu_layers=layers)  # fmt: skip
+    dev, kw = parse_device("gpu:16GB"), {"batch": 1, "prefill": None, "tiles": 13}
+    assert evaluate(g38, cfg, dev, ctx=32768, **kw)["verdict"] != "does not fit"
+    cfg.gpu_layers = layers + 1
+    assert evaluate(g38, cfg, dev, ctx=32768, **kw)["verdict"] == "does not fit"
