@@ -474,6 +474,14 @@ def format_plan(p: dict[str, Any], *, detail: bool = True) -> str:
                 )
             pk = ", ".join(f"{k} {_size(v)}" for k, v in best["peak"].items())
             lines.append(f"    peak: {pk}")
+            if best.get("gpu_memory_utilization") is not None:
+                util = best["gpu_memory_utilization"]
+                lines.append(
+                    f"    vLLM takes --gpu-memory-utilization {util:.2f} x {_gib(d['capacity'])} GiB = "
+                    f"{_size(util * d['capacity'])} plus the CUDA context outside it"
+                )
+            if best.get("command"):
+                lines.append(f"  command for #1: {best['command']}")
     return "\n".join(lines)
 
 

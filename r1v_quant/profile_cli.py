@@ -162,6 +162,7 @@ def plan_command(
     """Memory breakdown, verdict, largest context and ranked configurations for each device; with
     --emit, the `vllm serve` or `llama-server` command line for the best configuration that fits."""
     from r1v_quant.planner import format_plan, markdown_table, plan
+    from r1v_quant.serve_commands import add_commands
     from r1v_quant.serve_commands import emit as emit_command
 
     if emit and len(devices) != 1:
@@ -171,6 +172,7 @@ def plan_command(
         tiles=tiles, runtime=runtime, dtype=dtype, kv_type=kv_type, reserve=reserve, host_ram=host_ram,
         top=top, images=images, mmproj=mmproj,
     )  # fmt: skip
+    add_commands(result)
     if emit:
         result["emit"] = emit_command(result, emit, model=serve_model, mmproj=serve_mmproj)
     if as_json:

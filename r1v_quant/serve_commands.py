@@ -142,17 +142,38 @@ def emit(
             f"{best['config']}, needs {best['device_need'] / 1024**3:.1f} GiB of {d['usable'] / 1024**3:.1f}"
             f" (largest context it fits: {best['max_ctx']})"
         )
-    model_path, mm_path = default_paths(p, best)
+    argv = row_argv(p, best, model=model, mmproj=mmproj)
+    assert argv is not None
+    return {"engine": engine, "device": d["device"], "config": best["config"], "argv": argv,
+            "command": shlex.join(argv)}  # fmt: skip
+
+
+def row_argv(
+    p: dict[str, Any],
+    row: dict[str, Any],
+    *,
+    model: str | Path | None = None,
+    mmproj: str | Path | None = None,
+) -> list[str] | None:
+    """The command line of one plan row (None for r1v-quant's own torch runtime)."""
+    if row["runtime"] not in ("vllm", "llama.cpp"):
+        return None
+    model_path, mm_path = default_paths(p, row)
     model_path = str(model) if model is not None else model_path
     mm_path = str(mmproj) if mmproj is not None else mm_path
     g = p["model"]["geometry"]
-    argv = (
-        vllm_argv(best, model_path, g)
-        if runtime == "vllm"
-        else llama_server_argv(best, model_path, mm_path, g)
-    )
-    return {"engine": engine, "device": d["device"], "config": best["config"], "argv": argv,
-            "command": shlex.join(argv)}  # fmt: skip
+    if row["runtime"] == "vllm":
+        return vllm_argv(row, model_path, g)
+    return llama_server_argv(row, model_path, mm_path, g)
+
+
+def add_commands(p: dict[str, Any]) -> None:
+    """Put each fitting recommendation's command line into it (`command`), for the report and --json."""
+    for d in p["devices"]:
+        for r in d["recommendations"]:
+            argv = row_argv(p, r) if r["verdict"] != "does not fit" else None
+            if argv is not None:
+                r["command"] = shlex.join(argv)
 
 
 # Devices a model card gives commands for: common GPU sizes (GiB, as sold) and two laptop/desktop RAM sizes.

@@ -171,7 +171,7 @@ def test_emit_vllm_matches_the_plan() -> None:
     argv = shlex.split(e["command"])
     assert argv == e["argv"] and argv[:2] == ["vllm", "serve"]
     best = p["devices"][0]["recommendations"][0]
-    assert e["config"] == best["config"]
+    assert e["config"] == best["config"] and best["command"] == e["command"]  # --json carries it per row
     f = _flags(argv)
     assert f["--max-model-len"] == str(best["workload"]["ctx"]) == "32768"
     assert f["--kv-cache-dtype"] == "fp8" == best["kv_type"]
