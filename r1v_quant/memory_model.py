@@ -351,10 +351,8 @@ def vllm_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
     largest of its three stages: the ViT over the largest image batch, one decoder forward over
     `w.prefill` (= --max-num-batched-tokens) tokens with the image embeddings still cached, and the
     sampler warm-up over `batch` rows of logits with the forward's hidden states alive."""
-    terms = [
-        Term(f"weights.{k}", v, "gpu", "resident", cfg.vision_format if k in ("vision", "projector")
-             else cfg.llm_format) for k, v in cfg.weights.items()
-    ]  # fmt: skip
+    fmt = {"decoder": cfg.llm_format, "vision": cfg.vision_format}  # mlp1, embeddings, norms stay 16-bit
+    terms = [Term(f"weights.{k}", v, "gpu", "resident", fmt.get(k, "16-bit")) for k, v in cfg.weights.items()]
     terms.append(
         Term("runtime.cuda_context", CUDA_CONTEXT, "gpu", "resident", "estimate; outside the fraction")
     )
