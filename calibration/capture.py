@@ -15,7 +15,6 @@ move is a no-op (`.to()` returns the same tensor), so CPU results are unchanged 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from r1v_quant.calibration.dataset import CalibrationSet
 from r1v_quant.calibration.render import MODALITIES, RenderedSample, Renderer
+from r1v_quant.calibration.schedule import Forward, Head, layers_run, sensitivity_schedule
 from r1v_quant.calibration.stats import LayerStats
 from r1v_quant.calibration.store import ActivationList, ActivationStore
 from r1v_quant.model.checkpoint import Checkpoint
@@ -296,72 +296,77 @@ def layer_sensitivity(
     """
     n, spec = len(rendered), ckpt.spec
     num_layers, response = spec.llm.num_layers, MODALITIES.index("response")
-    k = max(1, math.ceil(math.sqrt(num_layers)))
+    steps = sensitivity_schedule(num_layers)
     _, cos, sin = _first_inputs(
         ckpt, renderer, cset, rendered, store, "sens0", dtype=dtype, progress=False, device=device
     )
-    recompute = sum(min(f + k, num_layers) - 1 - f for f in range(0, num_layers, k))
-    bar = tqdm(total=2 * num_layers + recompute, desc="sensitivity", unit="layer", disable=not progress)
+    bar = tqdm(total=layers_run(steps), desc="sensitivity", unit="layer", disable=not progress)
+    out = torch.zeros(num_layers, len(MODALITIES), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
+    for r in rendered:
+        counts += torch.bincount(r.modality.long(), minlength=len(MODALITIES)).double()
+    grads = ActivationList(store, "sens_grad", n)
 
-    def forward(first: int, last: int, keep_every: int) -> None:
-        """Layers first..last-1 from the cached input of `first`, caching each input of keep_every."""
-        for i in range(first, last):
+    def forward(step: Forward) -> None:
+        for i, drop_input in step.layers():
             layer = load_decoder_layer(ckpt, i, dtype, device)
             src = ActivationList(store, f"sens{i}", n)
             dst = ActivationList(store, f"sens{i + 1}", n)
             for j in range(n):
                 x = src[j].to(device)
                 dst[j] = layer(x[None], cos[: len(x)], sin[: len(x)])[0].cpu()
-            if (i - first) % keep_every:
+            if drop_input:
                 store.drop(f"sens{i}")
             bar.update(1)
             del layer
 
-    forward(0, num_layers, k)
-    norm = RMSNorm(spec.llm.hidden_size, spec.llm.rms_eps)
-    norm.weight.copy_(ckpt.get(f"{FINAL_NORM}.weight").to(dtype))
-    norm.to(device)
-    # tied or not; cast on the way to the device (the host holds only the 16-bit source)
-    head = ckpt.get(LM_HEAD if LM_HEAD in ckpt.weight_map else EMBED_NAME).to(device, dtype)
-    grads, top = ActivationList(store, "sens_grad", n), ActivationList(store, f"sens{num_layers}", n)
-    for j, r in enumerate(rendered):
-        h = top[j].to(device).clone().requires_grad_(True)
-        mod, ids = r.modality.to(device), r.input_ids.to(device)
-        rows = torch.nonzero(mod[1:] == response).flatten()  # positions predicting a response token
-        g = torch.zeros_like(h)
-        for r0 in range(0, rows.numel(), 512):  # logits chunked: the vocabulary is large
-            sel = rows[r0 : r0 + 512]
-            with torch.enable_grad():
-                loss = F.cross_entropy(norm(h[sel]) @ head.T, ids[sel + 1], reduction="sum")
-                g += torch.autograd.grad(loss, h)[0]
-        grads[j] = g.cpu()
-    del head
-    store.drop(f"sens{num_layers}")
-    out = torch.zeros(num_layers, len(MODALITIES), dtype=torch.float64, device=device)
-    counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
-    for r in rendered:
-        counts += torch.bincount(r.modality.long(), minlength=len(MODALITIES)).double()
-    for first in reversed(range(0, num_layers, k)):
-        last = min(first + k, num_layers)
-        forward(first, last - 1, 1)  # the inputs of every layer of this segment, from its checkpoint
-        for i in reversed(range(first, last)):
-            for j, r in enumerate(rendered):  # grads[j]: dL / d(output of layer i)
-                sq = grads[j].to(device).double().pow(2).sum(-1)
-                codes = r.modality.to(device).long()
-                out[i] += torch.bincount(codes, weights=sq, minlength=len(MODALITIES))
-            if i > 0:
-                layer = load_decoder_layer(ckpt, i, dtype, device).requires_grad_(False)
-                acts = ActivationList(store, f"sens{i}", n)
-                for j in range(n):
-                    x = acts[j].to(device).clone().requires_grad_(True)
-                    with torch.enable_grad():
-                        y = layer(x[None], cos[: len(x)], sin[: len(x)])[0]
-                        # a scalar vector-Jacobian product: grad_outputs= would import sympy (about a second)
-                        gy = grads[j].to(device)
-                        grads[j] = torch.autograd.grad((y * gy).sum(), x)[0].cpu()
-                del layer
-            store.drop(f"sens{i}")
-            bar.update(1)
+    def head() -> None:
+        norm = RMSNorm(spec.llm.hidden_size, spec.llm.rms_eps)
+        norm.weight.copy_(ckpt.get(f"{FINAL_NORM}.weight").to(dtype))
+        norm.to(device)
+        # tied or not; cast on the way to the device (the host holds only the 16-bit source)
+        head = ckpt.get(LM_HEAD if LM_HEAD in ckpt.weight_map else EMBED_NAME).to(device, dtype)
+        top = ActivationList(store, f"sens{num_layers}", n)
+        for j, r in enumerate(rendered):
+            h = top[j].to(device).clone().requires_grad_(True)
+            mod, ids = r.modality.to(device), r.input_ids.to(device)
+            rows = torch.nonzero(mod[1:] == response).flatten()  # positions predicting a response token
+            g = torch.zeros_like(h)
+            for r0 in range(0, rows.numel(), 512):  # logits chunked: the vocabulary is large
+                sel = rows[r0 : r0 + 512]
+                with torch.enable_grad():
+                    loss = F.cross_entropy(norm(h[sel]) @ head.T, ids[sel + 1], reduction="sum")
+                    g += torch.autograd.grad(loss, h)[0]
+            grads[j] = g.cpu()
+        del head
+        store.drop(f"sens{num_layers}")
+
+    def backward(i: int) -> None:
+        for j, r in enumerate(rendered):  # grads[j]: dL / d(output of layer i)
+            sq = grads[j].to(device).double().pow(2).sum(-1)
+            codes = r.modality.to(device).long()
+            out[i] += torch.bincount(codes, weights=sq, minlength=len(MODALITIES))
+        if i > 0:
+            layer = load_decoder_layer(ckpt, i, dtype, device).requires_grad_(False)
+            acts = ActivationList(store, f"sens{i}", n)
+            for j in range(n):
+                x = acts[j].to(device).clone().requires_grad_(True)
+                with torch.enable_grad():
+                    y = layer(x[None], cos[: len(x)], sin[: len(x)])[0]
+                    # a scalar vector-Jacobian product: grad_outputs= would import sympy (about a second)
+                    gy = grads[j].to(device)
+                    grads[j] = torch.autograd.grad((y * gy).sum(), x)[0].cpu()
+            del layer
+        store.drop(f"sens{i}")
+        bar.update(1)
+
+    for step in steps:
+        if isinstance(step, Forward):
+            forward(step)
+        elif isinstance(step, Head):
+            head()
+        else:
+            backward(step.layer)
     store.drop("sens_grad")
     bar.close()
     return (out.cpu() / counts.clamp(min=1)).float(), counts.float()

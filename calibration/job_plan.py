@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r1v_quant.calibration.schedule import Backward, Forward, Head, sensitivity_schedule
 from r1v_quant.model.arch import DECODER_GROUPS
 from r1v_quant.model.artifact import Geometry
 from r1v_quant.model.spec import ModelSpec
@@ -269,36 +270,32 @@ def _capture(
 
 
 def _sensitivity(st: _StoreReplay, g: Geometry, samples: Sequence[SampleShape], cb: int, depth: int) -> None:
-    """capture.layer_sensitivity on the subset: inputs of every k-th layer (k = ceil(sqrt(layers))) kept
-    by the forward pass, the top layer's outputs and the gradients; each segment's inputs recomputed from
-    its checkpoint and freed on the way down. Peak about (checkpoints + k + 1) x the subset's states."""
+    """capture.layer_sensitivity on the subset, walking the same schedule (calibration/schedule.py): the
+    forward pass keeps every k-th layer's inputs, the head adds the gradients, each segment's inputs are
+    recomputed from its checkpoint and freed on the way down. Peak about (checkpoints + k + 1) x the
+    subset's states."""
     L = g.llm_layers
-    k = max(1, math.ceil(math.sqrt(L)))
     size = [s.tokens * g.hidden * cb for s in samples]
     _first_inputs(st, g, samples, "sens0", cb, depth)
     st.set_phase("sensitivity")
-
-    def forward(first: int, last: int, keep_every: int) -> None:
-        for i in range(first, last):
+    for step in sensitivity_schedule(L):
+        if isinstance(step, Forward):
+            for i, drop_input in step.layers():
+                for j in range(len(samples)):
+                    st.put(f"sens{i + 1}", j, size[j])
+                if drop_input:
+                    st.drop(f"sens{i}")
+        elif isinstance(step, Head):
+            st.set_phase("sensitivity_head")
             for j in range(len(samples)):
-                st.put(f"sens{i + 1}", j, size[j])
-            if (i - first) % keep_every:
-                st.drop(f"sens{i}")
-
-    forward(0, L, k)
-    st.set_phase("sensitivity_head")
-    for j in range(len(samples)):
-        st.put("sens_grad", j, size[j])
-    st.drop(f"sens{L}")
-    st.set_phase("sensitivity")
-    for first in reversed(range(0, L, k)):
-        last = min(first + k, L)
-        forward(first, last - 1, 1)
-        for i in reversed(range(first, last)):
-            if i > 0:
+                st.put("sens_grad", j, size[j])
+            st.drop(f"sens{L}")
+            st.set_phase("sensitivity")
+        else:
+            if step.layer > 0:
                 for j in range(len(samples)):
                     st.put("sens_grad", j, size[j])
-            st.drop(f"sens{i}")
+            st.drop(f"sens{step.layer}")
     st.drop("sens_grad")
 
 
@@ -591,14 +588,14 @@ def plan_flops(
     out["capture"] = L * sum(_layer_flops(spec, g, s.tokens) for s in samples)
     if sens_subset:
         sub = [samples[j] for j in sens_subset]
-        k = max(1, math.ceil(math.sqrt(L)))
-        recompute = sum(min(f + k, L) - 1 - f for f in range(0, L, k))
+        steps = sensitivity_schedule(L)
+        forwards = sum(st.last - st.first for st in steps if isinstance(st, Forward))
+        backwards = sum(isinstance(st, Backward) and st.layer > 0 for st in steps)
         per_layer = sum(_layer_flops(spec, g, s.tokens) for s in sub)
-        # forward + recomputed segments + backward (~2 forwards) of layers 1..L-1; lm_head fwd + bwd
+        # the schedule's forwards (the pass + recomputed segments) + backward (~2 forwards) of layers
+        # 1..L-1; lm_head fwd + bwd
         head = 3 * 2.0 * g.vocab * g.hidden * sum(s.response for s in sub)
-        out["sensitivity"] = (
-            per_layer * (L + recompute + 2 * (L - 1)) + head + vis * sum(s.tiles for s in sub)
-        )
+        out["sensitivity"] = per_layer * (forwards + 2 * backwards) + head + vis * sum(s.tiles for s in sub)
     if job == "awq":
         n_tok = sum(s.tokens for s in samples)
         t = min(LOSS_TOKENS, n_tok)

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from r1v_quant import __version__
+from r1v_quant.exporters.model_card import CARD_NAME, awq_card, write_card
 from r1v_quant.model.awq_layout import pack_awq, unpack_awq
-from r1v_quant.model.card import CARD_NAME, awq_card, write_card
 from r1v_quant.model.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
 from r1v_quant.model.groupwise import check_group
 from r1v_quant.model.spec import LLM_PREFIX

@@ -240,7 +240,7 @@ def test_check_writes_report_and_gates(tiny_dir: Path, tiny_rms_dir: Path, tmp_p
 def test_update_cards_writes_each_folders_rows(tiny_dir: Path, tmp_path: Path) -> None:
     """`check --update-cards`: rows go to the card of the folder that holds each artifact."""
     from r1v_quant.evaluate.check import update_cards
-    from r1v_quant.model.card import CARD_NAME, Card, write_card
+    from r1v_quant.exporters.model_card import CARD_NAME, Card, write_card
 
     gguf_dir, plain = tmp_path / "gguf", tmp_path / "no-card"
     for d in (gguf_dir, plain):
@@ -262,7 +262,7 @@ def test_update_cards_writes_each_folders_rows(tiny_dir: Path, tmp_path: Path) -
 
 def test_synthetic_benchmarks_never_reach_a_model_card(tiny_dir: Path, tmp_path: Path) -> None:
     from r1v_quant.evaluate.check import card_rows
-    from r1v_quant.model.card import Card, write_card
+    from r1v_quant.exporters.model_card import Card, write_card
 
     folder = tmp_path / "awq"
     folder.mkdir()

@@ -28,7 +28,7 @@ LAYERS = [
     "cli",  # the click commands
 ]
 # writes the command line that made an artifact into its card, from the running click command
-CLICK_OUTSIDE_COMMANDS = {"r1v_quant.model.card"}
+CLICK_OUTSIDE_COMMANDS = {"r1v_quant.exporters.model_card"}
 
 
 def _modules() -> dict[str, Path]:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from test_hub import CARD, REPO, SHA_MAIN, add_snapshot
 
 from r1v_quant.cli.main import Group
-from r1v_quant.model.card import (
+from r1v_quant.exporters.model_card import (
     CARD_NAME,
     GGUF_MANIFEST,
     QUALITY_BEGIN,
@@ -92,7 +92,8 @@ def test_awq_card(offline: Path, tmp_path: Path) -> None:
     assert f"r1v-quant awq {REPO} --revision {SHA_MAIN} --out {out}" in body
     assert "--method rtn" in body and "--samples 2" in body and "--seq-len 256" in body
     assert report["calibration_set_hash"] in body and "group size 128" in body
-    assert f"vllm serve {out} --quantization awq" in body and f"r1v-quant generate {out}" in body
+    assert f"vllm serve {out} --trust-remote-code --quantization awq_marlin" in body
+    assert f"r1v-quant generate {out}" in body and "--quantization awq " not in body
     assert f"revision `{SHA_MAIN}`" in body and "torch " in body
     assert "| `model-00001-of-00001.safetensors` |" in body or "model-00001-of-" in body
     assert "Not measured yet" in body and "## Safety" in body
@@ -147,7 +148,7 @@ def test_gguf_folder_card_collects_runs_and_keeps_quality(offline: Path, tmp_pat
     _front_common(meta, "gguf")
     assert "F16" in meta["tags"] and "llama.cpp" in meta["tags"]
     assert f"llama-mtmd-cli -m {out}/Tiny-R1V-F16.gguf --mmproj {out}/mmproj-Tiny-R1V-F16.gguf" in body
-    assert f"llama-server -m {out}/Tiny-R1V-F16.gguf --mmproj" in body
+    assert f"llama-server -m {out}/Tiny-R1V-F16.gguf --mmproj {out}/mmproj-Tiny-R1V-F16.gguf -c " in body
     assert f"r1v-quant gguf {REPO} --revision {SHA_MAIN} --out {out}\n" in body  # from the click context
 
     update_card_quality(out, {"quality": ROWS})
@@ -207,7 +208,7 @@ def test_update_card_quality(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_gguf_card_names_split_shards_and_imatrix(tiny_dir: Path, tmp_path: Path) -> None:
     """A split language model is run from its first shard; an importance matrix is listed, not run."""
-    from r1v_quant.model.card import write_gguf_card
+    from r1v_quant.exporters.model_card import write_gguf_card
 
     shards = [tmp_path / f"m-Q4_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
     for i, f in enumerate([*shards, tmp_path / "m-Q4_K_M.imatrix.gguf", tmp_path / "mmproj-m-F16.gguf"]):

@@ -88,16 +88,17 @@ def test_standard_device_verdicts(plan38: dict) -> None:
 
 
 def test_awq_on_30gb_gpu(plan38: dict) -> None:
-    """AWQ weights are 28.5 GiB: with the ViT on the GPU a 30 GiB card holds under 2k tokens of f16 KV;
-    moving the ViT to the host frees ~10 GiB for context."""
-    rows = [r for r in _device(plan38, "gpu:30GB")["configs"] if r["llm_format"] == "awq-int4-g128"]
-    on_gpu = next(r for r in rows if r["vision_device"] == "gpu" and r["kv_type"] == "f16")
-    on_cpu = next(r for r in rows if r["vision_device"] == "cpu" and r["kv_type"] == "f16")
-    fp8 = next(r for r in rows if r["vision_device"] == "gpu" and r["kv_type"] == "fp8")
-    assert on_gpu["verdict"] == "does not fit" and 0 < on_gpu["max_ctx"] < 4096
-    assert fp8["max_ctx"] > on_gpu["max_ctx"]
-    assert on_cpu["verdict"] == "fits" and on_cpu["max_ctx"] > 32768
-    assert on_cpu["peak"]["cpu"] > 10 * GiB  # the host now holds the bf16 ViT
+    """AWQ weights with the 16-bit ViT are 28.5 GiB: beside vLLM's reservations (CUDA context, profiling
+    peak, CUDA graphs) no KV cache fits on a 30 GiB card; with the ViT's linears in AWQ int4 (2.7 GiB
+    instead of 10.3) tens of thousands of tokens do. vLLM has no vision-on-CPU mode, so none is planned."""
+    rows = [r for r in _device(plan38, "gpu:30GB")["configs"] if r["runtime"] == "vllm"]
+    assert rows and all(r["vision_device"] == "gpu" for r in rows)
+    awq = [r for r in rows if r["llm_format"] == "awq-int4-g128"]
+    bf16_vit = next(r for r in awq if r["vision_format"] == "bf16" and r["kv_type"] == "fp8")
+    int4_f16 = next(r for r in awq if r["vision_format"] == "awq-int4-g128" and r["kv_type"] == "f16")
+    int4_fp8 = next(r for r in awq if r["vision_format"] == "awq-int4-g128" and r["kv_type"] == "fp8")
+    assert bf16_vit["verdict"] == "does not fit" and bf16_vit["max_ctx"] == 0
+    assert int4_f16["verdict"] == "fits" and int4_fp8["max_ctx"] > int4_f16["max_ctx"] > 16384
 
 
 def test_max_context_is_the_boundary(plan38: dict) -> None:

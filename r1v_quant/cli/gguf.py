@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from r1v_quant.cli.params import model_argument
+from r1v_quant.exporters.model_card import CARD_NAME, GGUF_MANIFEST, write_gguf_card
 from r1v_quant.exporters.quantize import GGUF_TYPES, normalize_type
-from r1v_quant.model.card import CARD_NAME, GGUF_MANIFEST, write_gguf_card
 from r1v_quant.util.atomic import write_text_atomic
 from r1v_quant.util.errors import R1VError, os_error
 from r1v_quant.util.hub import model_name
@@ -163,7 +163,7 @@ def export_gguf_folder(
     """
     from r1v_quant.exporters.gguf_llm import export_llm_gguf
     from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf, mmproj_bytes_planned
-    from r1v_quant.model.card import read_gguf_manifest
+    from r1v_quant.exporters.model_card import read_gguf_manifest
     from r1v_quant.model.spec import load_spec
 
     out = gguf_output_path(model, out_dir, gguf_type)

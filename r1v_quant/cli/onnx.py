@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from r1v_quant.cli.params import model_argument
+from r1v_quant.exporters.model_card import onnx_card, write_card
 from r1v_quant.exporters.onnx_vision import DTYPES, MAX_OPSET, MIN_OPSET, export_onnx
-from r1v_quant.model.card import onnx_card, write_card
 
 
 @click.command("onnx")

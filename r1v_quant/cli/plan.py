@@ -98,20 +98,28 @@ def profile_command(
     metavar="gpu:SIZE|cpu:SIZE",
     help="Repeatable, e.g. --device gpu:30GB --device cpu:32GB (GB = GiB, as memory is sold).",
 )
-@click.option("--ctx", type=int, default=4096, show_default=True, help="Tokens the KV cache must hold.")
+@click.option(
+    "--ctx",
+    type=int,
+    default=32768,
+    show_default=True,
+    help="Tokens per sequence the KV cache must hold (prompt, image tokens and the reasoning output).",
+)
 @click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
 @click.option(
     "--prefill",
     type=int,
     default=None,
-    help="Tokens per forward pass (default: llama.cpp 512, GPU engine 2048, torch the context).",
+    help="Tokens per forward pass (default: llama.cpp 512, vLLM 2048, torch the context).",
 )
-@click.option("--tiles", type=int, default=None, help="Image tiles at once (default: the model's maximum).")
+@click.option("--tiles", type=int, default=None, help="Tiles per image (default: the model's maximum).")
+@click.option("--images", type=int, default=1, show_default=True, help="Images per prompt (0: text only).")
 @click.option(
     "--runtime",
-    type=click.Choice(["auto", "torch", "llama.cpp", "gpu-engine"]),
+    type=click.Choice(["auto", "torch", "llama.cpp", "vllm", "gpu-engine"]),
     default="auto",
     show_default=True,
+    help="gpu-engine is the earlier name of vllm.",
 )
 @click.option(
     "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="torch runtime dtype."
@@ -130,22 +138,47 @@ def profile_command(
 @click.option("--host-ram", default=None, help="Host RAM beside a GPU (checks what runs on the host).")
 @click.option("--top", type=int, default=5, show_default=True, help="Recommendations per device.")
 @click.option("--markdown", is_flag=True, help="Only the first recommendation per device, as a table.")
+@click.option(
+    "--emit",
+    type=click.Choice(["vllm", "llama-server"]),
+    default=None,
+    help="Print the command line that runs the best fitting configuration of this engine (one --device).",
+)
+@click.option(
+    "--mmproj",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --model FILE.gguf: the vision tower's mmproj GGUF.",
+)
+@click.option("--serve-model", default=None, help="Model path or repo id to write into the --emit command.")
+@click.option("--serve-mmproj", default=None, help="mmproj path to write into a llama-server command.")
 @click.option("--json", "as_json", is_flag=True)
 def plan_command(
     model: Path | None, preset: str | None, devices: tuple[str, ...], ctx: int, batch: int,
-    prefill: int | None, tiles: int | None, runtime: str, dtype: str | None, kv_type: str | None,
-    reserve: str | None, host_ram: str | None, top: int, markdown: bool, as_json: bool,
+    prefill: int | None, tiles: int | None, images: int, runtime: str, dtype: str | None,
+    kv_type: str | None, reserve: str | None, host_ram: str | None, top: int, markdown: bool,
+    emit: str | None, mmproj: Path | None, serve_model: str | None, serve_mmproj: str | None, as_json: bool,
 ) -> None:  # fmt: skip
-    """Memory breakdown, verdict, largest context and ranked configurations for each device."""
+    """Memory breakdown, verdict, largest context and ranked configurations for each device; with
+    --emit, the `vllm serve` or `llama-server` command line for the best configuration that fits."""
     from r1v_quant.plan.planner import format_plan, markdown_table, plan
+    from r1v_quant.plan.serve_commands import add_commands
+    from r1v_quant.plan.serve_commands import emit as emit_command
 
+    if emit and len(devices) != 1:
+        raise R1VError("--emit writes one command: give exactly one --device")
     result = plan(
         model=model, preset=preset, devices=list(devices), ctx=ctx, batch=batch, prefill=prefill,
         tiles=tiles, runtime=runtime, dtype=dtype, kv_type=kv_type, reserve=reserve, host_ram=host_ram,
-        top=top,
+        top=top, images=images, mmproj=mmproj,
     )  # fmt: skip
+    add_commands(result)
+    if emit:
+        result["emit"] = emit_command(result, emit, model=serve_model, mmproj=serve_mmproj)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
+    elif emit:
+        click.echo(result["emit"]["command"])
     elif markdown:
         click.echo(markdown_table(result))
     else:

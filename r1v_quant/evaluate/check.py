@@ -338,7 +338,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 def card_rows(report: dict[str, Any]) -> dict[Path, list[dict[str, Any]]]:
     """The report's rows grouped by artifact folder, in the columns the model card shows."""
-    from r1v_quant.model.card import CARD_NAME
+    from r1v_quant.exporters.model_card import CARD_NAME
     from r1v_quant.util.hub import hub_source
 
     out: dict[Path, list[dict[str, Any]]] = {}
@@ -379,7 +379,7 @@ def update_cards(report: dict[str, Any]) -> list[Path]:
     A GGUF folder collects runs, and `gguf` rewrites its card: the card is updated under the folder's
     lock (r1v_quant.util.outputs), so a `gguf` run into it meanwhile is refused rather than overwritten.
     """
-    from r1v_quant.model.card import GGUF_MANIFEST, update_card_quality
+    from r1v_quant.exporters.model_card import GGUF_MANIFEST, update_card_quality
     from r1v_quant.util.outputs import claim_output
 
     written = []

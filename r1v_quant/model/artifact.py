@@ -196,11 +196,16 @@ def _checkpoint_artifact(path: Path, name: str | None, *, require_weights: bool,
         stored[component_of(tensor)] += info.nbytes
         if component_of(tensor) == "vision":
             dtypes.add(info.dtype)
-    vision_dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(next(iter(dtypes), "BF16"), "bf16")
+    float_dtypes = dtypes - {"I32"}
+    vision_dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(
+        next(iter(float_dtypes), "BF16"), "bf16"
+    )
     q = spec.quantization if spec.is_quantized else None
     if q is not None:
         kind, fmt = "awq", f"awq-int{q.get('bits', 4)}-g{q.get('group_size', 128)}"
         quant = f"AWQ int{q.get('bits', 4)} g{q.get('group_size', 128)}"
+        if "I32" in dtypes:  # packed vision linears (`awq --vision`): the same config quantized them
+            vision_dtype = fmt
     else:
         kind, fmt, quant = "checkpoint", vision_dtype, spec.torch_dtype
     if not ckpt.has_weights:  # config + index only (a Hub snapshot for `plan`): sizes from the shapes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from r1v_quant.model.arch import VISION_LINEARS
 from r1v_quant.model.spec import LLM_PREFIX, ModelSpec, component_of
 
 
@@ -106,9 +107,27 @@ LLM_FORMATS: tuple[str, ...] = ("bf16", AWQ_FORMAT, "Q8_0", "Q6_K", "Q5_K_M", "Q
 SIZED_FORMATS: tuple[str, ...] = ("bf16", AWQ_FORMAT, *FILE_TYPES)
 
 
-def awq_bits(group_size: int = 128) -> float:
-    """int4 weight + fp16 scale + packed int4 zero per group."""
-    return 4.0 + (16.0 + 4.0) / group_size
+# The vision tower as `r1v-quant awq --vision` stores it: 16-bit, or its encoder linears (attn.qkv,
+# attn.proj, mlp.fc1, mlp.fc2) AWQ-packed; patch/position embeddings, norms, ls1/ls2 and mlp1 stay 16-bit.
+VISION_FORMATS = ("bf16", "awq-int4-g128", "awq-int8-g128")
+_VISION_LINEAR_SUFFIXES = tuple(f".{lin}.weight" for lin in VISION_LINEARS)
+
+
+def awq_bits(group_size: int = 128, bits: int = 4) -> float:
+    """Packed weight + fp16 scale + packed zero point per group of `group_size` input channels."""
+    return bits + (16.0 + bits) / group_size
+
+
+def parse_awq(fmt: str) -> tuple[int, int] | None:
+    """(bits, group size) of an "awq-int{bits}-g{group}" format name; None for anything else."""
+    if not fmt.startswith("awq-int"):
+        return None
+    bits, _, group = fmt[len("awq-int") :].partition("-g")
+    return int(bits), int(group)
+
+
+def is_vision_linear(name: str) -> bool:
+    return name.startswith("vision_model.encoder.layers.") and name.endswith(_VISION_LINEAR_SUFFIXES)
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -202,9 +221,15 @@ def gguf_type(
     return _fit(chosen, ncols) if ncols else chosen
 
 
-def tensor_bits(name: str, fmt: str, spec: ModelSpec, shape: tuple[int, ...] | None = None) -> float:
-    """Bits per element of one checkpoint tensor when the LLM is stored as `fmt` (vision stays 16-bit)."""
+def tensor_bits(
+    name: str, fmt: str, spec: ModelSpec, vision: str = "bf16", shape: tuple[int, ...] | None = None
+) -> float:
+    """Bits per element of one checkpoint tensor when the LLM is stored as `fmt` and the vision tower as
+    `vision` (one of VISION_FORMATS)."""
     comp = component_of(name)
+    awq_vision = parse_awq(vision)
+    if comp == "vision" and awq_vision and is_vision_linear(name):
+        return awq_bits(awq_vision[1], awq_vision[0])
     if fmt == "bf16" or comp in ("vision", "projector"):
         return 16.0
     if fmt == AWQ_FORMAT:
@@ -218,12 +243,13 @@ def tensor_bits(name: str, fmt: str, spec: ModelSpec, shape: tuple[int, ...] | N
     return GGML_BITS[gguf_type(name, fmt, spec.llm.num_layers, gqa=gqa, ncols=shape[-1] if shape else 0)]
 
 
-def weight_bytes(spec: ModelSpec, fmt: str) -> dict[str, int]:
-    """Bytes per component (vision, projector, decoder, embeddings, other) when the LLM is stored as `fmt`."""
+def weight_bytes(spec: ModelSpec, fmt: str, vision: str = "bf16") -> dict[str, int]:
+    """Bytes per component (vision, projector, decoder, embeddings, other) when the LLM is stored as `fmt`
+    and the vision tower as `vision`."""
     out: dict[str, float] = {}
     for name, shape in spec.tensor_shapes().items():
         comp = component_of(name)
-        out[comp] = out.get(comp, 0.0) + math.prod(shape) * tensor_bits(name, fmt, spec, shape) / 8
+        out[comp] = out.get(comp, 0.0) + math.prod(shape) * tensor_bits(name, fmt, spec, vision, shape) / 8
     return {k: int(v) for k, v in out.items()}
 
 

@@ -12,8 +12,9 @@ Runtimes:
              the compute dtype (AWQ is dequantized on load), KV cache grown per token, eager activations.
   llama.cpp  GGUF + mmproj through libllama / libmtmd: weights as stored, KV cache for the whole context
              allocated up front, compute buffers reserved for the worst-case batch.
-  gpu-engine a GPU serving engine with AWQ / 16-bit kernels (vLLM, LMDeploy): weights as stored.
-             Estimates only: no GPU was available to measure it.
+  vllm       vLLM's `vllm serve` with AWQ (Marlin) or 16-bit kernels: weights as stored, and what vLLM's
+             start-up profiling reserves (vllm_memory.py). Estimates only: no GPU was available to
+             measure it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from r1v_quant.model.artifact import Geometry
+from r1v_quant.plan import vllm_memory as vm
 
 GiB = 1024**3
 MiB = 1024**2
@@ -37,8 +39,9 @@ TORCH_CPU_BASE = 330 * MiB
 # The same for r1v-quant's llama.cpp runtime (llama-cpp-python + libmtmd; r1v_quant's preprocessing
 # imports torch too): `baseline_rss` 241 MiB text-only, 267 MiB after the vision warm-up.
 LLAMA_CPP_BASE = 270 * MiB
-# GPU memory a CUDA process holds before any tensor: context, kernels, cuBLAS workspace. Typical value for
-# recent drivers with lazy module loading (0.3 to 0.6 GiB); NOT measured here (no GPU on this machine).
+# GPU memory a CUDA process holds before any tensor: context and loaded kernels. Typical value for recent
+# drivers with lazy module loading (0.3 to 0.6 GiB); NOT measured here (no GPU on this machine). vLLM takes
+# its memory snapshot after this exists, so it lies outside --gpu-memory-utilization.
 CUDA_CONTEXT = 512 * MiB
 # Per libmtmd context, beyond its weights and compute buffer: measured 3.4-3.8 MB for ViTs 128-384 wide
 # (4-8 layers, F16 and Q8_0), independent of the weights' size; not attributed to a particular buffer.
@@ -79,14 +82,15 @@ class Workload:
     ctx: int  # tokens in the KV cache at the end (prompt + generated)
     prefill: int  # tokens in one forward pass (torch: the whole prompt; llama.cpp: n_ubatch)
     tiles: int  # image tiles encoded together (torch: all tiles of an image; llama.cpp: 1 per call)
-    batch: int = 1  # sequences decoded together
+    batch: int = 1  # sequences decoded together (vLLM: --max-num-seqs)
+    images: int = 1  # images per prompt (vLLM: --limit-mm-per-prompt)
 
 
 @dataclass
 class Config:
     """One way to run the model: runtime, formats and where each part lives."""
 
-    runtime: str  # "torch" | "llama.cpp" | "gpu-engine"
+    runtime: str  # "torch" | "llama.cpp" | "vllm"
     llm_format: str
     vision_format: str
     kv_type: str
@@ -97,10 +101,16 @@ class Config:
     weights: dict[str, int] = field(default_factory=dict)  # bytes per component as the runtime holds them
     load_transient: int = 0  # extra bytes while loading (torch: dequantization intermediates)
     repacked: int = 0  # llama.cpp: bytes of weights its CPU backend repacks into a second buffer
+    enforce_eager: bool = False  # vLLM: no CUDA graphs (--enforce-eager)
+    gpu_layers: int | None = None  # llama.cpp on a GPU: decoder layers offloaded (-ngl); None = all
 
     def label(self) -> str:
         v = "vision on CPU" if self.vision_device == "cpu" and self.llm_device == "gpu" else ""
         parts = [self.runtime, f"LLM {self.llm_format}", f"vision {self.vision_format}", f"KV {self.kv_type}"]
+        if self.gpu_layers is not None:
+            parts.append(f"{self.gpu_layers} layers on GPU")
+        if self.enforce_eager:
+            parts.append("eager (no CUDA graphs)")
         return ", ".join(parts + ([v] if v else []))
 
 
@@ -239,7 +249,13 @@ def clip_compute_buffer(g: Geometry) -> int:
 
 
 def llama_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
+    """libllama + libmtmd. With `cfg.gpu_layers` = L < layers (`-ngl L`, partial offload) the GPU holds L
+    decoder layers' weights and KV cells, the host the rest and the output matrix (llama.cpp offloads
+    the output layer only with -ngl > layers); each backend reserves a compute buffer for its part of the
+    graph, counted at the full size on both (an upper bound: llama.cpp sizes each for its worst split)."""
     dev_llm, dev_vis = cfg.llm_device, cfg.vision_device
+    partial = dev_llm == "gpu" and cfg.gpu_layers is not None and cfg.gpu_layers < g.llm_layers
+    share = cfg.gpu_layers / g.llm_layers if partial else 1.0  # type: ignore[operator]
     terms = []
     for k, v in cfg.weights.items():
         pool = dev_vis if k in ("vision", "projector") else dev_llm
@@ -247,30 +263,36 @@ def llama_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
         if k == "embeddings" and dev_llm == "gpu":
             emb = v // 2
             terms.append(Term("weights.token_embd", emb, "cpu", "resident", "always on the host"))
-            terms.append(Term("weights.output", v - emb, "gpu", "resident", cfg.llm_format))
+            terms.append(
+                Term("weights.output", v - emb, "cpu" if partial else "gpu", "resident", cfg.llm_format)
+            )
             continue
         fmt = cfg.vision_format if k in ("vision", "projector") else cfg.llm_format
+        if k == "decoder" and partial:
+            on_gpu = int(v * share)
+            terms.append(
+                Term("weights.decoder", on_gpu, "gpu", "resident", f"{fmt}, {cfg.gpu_layers} layers")
+            )
+            terms.append(
+                Term("weights.decoder_host", v - on_gpu, "cpu", "resident", f"{fmt}, the other layers")
+            )
+            continue
         terms.append(Term(f"weights.{k}", v, pool, "resident", fmt))
     n_ctx = pad(w.ctx, LLAMA_CTX_PAD)
-    terms.append(
-        Term(
-            "kv_cache",
-            kv_cache_bytes(g, n_ctx, cfg.kv_type, w.batch),
-            dev_llm,
-            "resident",
-            f"{n_ctx} cells, {cfg.kv_type}, allocated up front",
-        )
-    )
-    terms.append(
-        Term(
-            "compute_buffer",
-            llama_compute_buffer(g, n_ctx, w.prefill, cfg.flash_attn),
-            dev_llm,
-            "resident",
-            f"n_ubatch {w.prefill}, flash attention {'on' if cfg.flash_attn else 'off'}",
-        )
-    )
-    if dev_llm == "cpu":
+    kv = kv_cache_bytes(g, n_ctx, cfg.kv_type, w.batch)
+    kv_note = f"{n_ctx} cells, {cfg.kv_type}, allocated up front"
+    buf = llama_compute_buffer(g, n_ctx, w.prefill, cfg.flash_attn)
+    buf_note = f"n_ubatch {w.prefill}, flash attention {'on' if cfg.flash_attn else 'off'}"
+    if partial:
+        kv_gpu = int(kv * share)
+        terms.append(Term("kv_cache", kv_gpu, "gpu", "resident", f"{kv_note}, {cfg.gpu_layers} layers"))
+        terms.append(Term("kv_cache_host", kv - kv_gpu, "cpu", "resident", f"{kv_note}, the other layers"))
+        terms.append(Term("compute_buffer", buf, "gpu", "resident", buf_note))
+        terms.append(Term("compute_buffer_host", buf, "cpu", "resident", f"{buf_note}, the host's layers"))
+    else:
+        terms.append(Term("kv_cache", kv, dev_llm, "resident", kv_note))
+        terms.append(Term("compute_buffer", buf, dev_llm, "resident", buf_note))
+    if dev_llm == "cpu" or partial:
         terms.append(
             Term(
                 "work_buffer",
@@ -319,40 +341,60 @@ def llama_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
     return terms
 
 
-# -- a GPU serving engine (vLLM / LMDeploy) --------------------------------------------------------------
-def engine_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
-    """Estimates by the same counting as above with 16-bit activations and flash attention everywhere:
-    prefill chunk `w.prefill` tokens x (3 ffn + 4 hidden), the vision tower one layer at a time (no kept
-    states) over all tiles: T x N x (ffn + 3 hidden) like libmtmd's graph."""
-    terms = []
-    for k, v in cfg.weights.items():
-        vision = k in ("vision", "projector")
-        pool = cfg.vision_device if vision else cfg.llm_device
-        terms.append(
-            Term(f"weights.{k}", v, pool, "resident", cfg.vision_format if vision else cfg.llm_format)
-        )
-    terms.append(Term("kv_cache", kv_cache_bytes(g, w.ctx, cfg.kv_type, w.batch), "gpu", "resident"))
+# -- vLLM ---------------------------------------------------------------------------------------------------
+def vllm_terms(g: Geometry, cfg: Config, w: Workload) -> list[Term]:
+    """What `vllm serve` holds on the GPU, as its start-up profiling reserves it (vllm_memory.py).
+
+    Resident: the CUDA context (outside --gpu-memory-utilization), the weights as stored (Marlin repacks
+    AWQ in place: same bytes), non-torch workspaces, CUDA graphs, vLLM's own 150 MiB allowance and the
+    KV cache (whole 16-token blocks for `batch` requests of `ctx` tokens). The profiling run's peak is the
+    largest of its three stages: the ViT over the largest image batch, one decoder forward over
+    `w.prefill` (= --max-num-batched-tokens) tokens with the image embeddings still cached, and the
+    sampler warm-up over `batch` rows of logits with the forward's hidden states alive."""
+    fmt = {"decoder": cfg.llm_format, "vision": cfg.vision_format}  # mlp1, embeddings, norms stay 16-bit
+    terms = [Term(f"weights.{k}", v, "gpu", "resident", fmt.get(k, "16-bit")) for k, v in cfg.weights.items()]
     terms.append(
-        Term(
-            "prefill.activations",
-            w.prefill * 2 * (3 * g.ffn + 4 * g.hidden),
-            "gpu",
-            "prefill",
-            f"chunk of {w.prefill} tokens",
-        )
+        Term("runtime.cuda_context", CUDA_CONTEXT, "gpu", "resident", "estimate; outside the fraction")
     )
-    terms.append(Term("sampler.logits", w.batch * g.vocab * 4, "gpu", "decode"))
-    if g.vit_layers:
-        cb = 2 if cfg.vision_device == "gpu" else 4
-        act = w.tiles * g.positions * cb * (g.vit_ffn + 3 * g.vit_hidden)
-        terms.append(Term("vision.activations", act, cfg.vision_device, "vision", f"{w.tiles} tiles"))
-    terms.append(Term("runtime.cuda_context", CUDA_CONTEXT, "gpu", "resident", "estimate"))
-    if cfg.vision_device == "cpu":
-        terms.append(Term("runtime.base", TORCH_CPU_BASE, "cpu", "resident", "vision process on the host"))
+    terms.append(Term("runtime.non_torch", vm.NON_TORCH_TP1, "gpu", "resident", "workspaces, TP=1"))
+    graphs = vm.cuda_graph_bytes(w.batch, w.prefill, cfg.enforce_eager)
+    if graphs:
+        terms.append(Term("cuda_graphs", graphs, "gpu", "resident", f"capture up to {min(2 * w.batch, 512)}"))
+    terms.append(Term("profile.margin", vm.PROFILE_MARGIN, "gpu", "resident", "vLLM's own allowance"))
+    ctx = vm.kv_tokens(w.ctx)
+    terms.append(
+        Term("kv_cache", kv_cache_bytes(g, ctx, cfg.kv_type, w.batch), "gpu", "resident",
+             f"{w.batch} x {ctx} tokens ({vm.BLOCK_SIZE}-token blocks), {cfg.kv_type}")
+    )  # fmt: skip
+    if g.vit_layers and w.images and w.tiles:
+        n = vm.images_per_encoder_batch(
+            g, w.tiles, images_per_prompt=w.images, max_num_seqs=w.batch, max_num_batched_tokens=w.prefill,
+            max_model_len=w.ctx,
+        )  # fmt: skip
+        tiles = n * w.tiles
+        terms.append(
+            Term("vision.activations", vm.vision_profile_bytes(g, tiles), "gpu", "vision",
+                 f"{n} image(s) x {w.tiles} tiles")
+        )  # fmt: skip
+        terms.append(Term("prefill.encoder_cache", vm.encoder_output_bytes(g, tiles), "gpu", "prefill"))
+    terms.append(
+        Term("prefill.activations", vm.llm_profile_bytes(g, w.prefill), "gpu", "prefill",
+             f"{w.prefill} batched tokens")
+    )  # fmt: skip
+    rows = min(w.batch, w.prefill)
+    terms.append(Term("decode.sampler", vm.sampler_bytes(g, rows), "gpu", "decode", f"{rows} rows of logits"))
+    terms.append(Term("decode.hidden_states", w.prefill * g.hidden * 2, "gpu", "decode", "dummy run output"))
     return terms
 
 
-RUNTIMES = {"torch": torch_terms, "llama.cpp": llama_terms, "gpu-engine": engine_terms}
+def vllm_utilization(terms: list[Term], capacity: int) -> float:
+    """--gpu-memory-utilization: what vLLM must reserve (everything but the CUDA context) over the TOTAL
+    GPU memory, rounded up to 0.01 so the KV cache gets at least what was planned."""
+    peak = peaks([t for t in terms if t.name != "runtime.cuda_context"]).get("gpu", 0)
+    return -(-peak * 100 // capacity) / 100
+
+
+RUNTIMES = {"torch": torch_terms, "llama.cpp": llama_terms, "vllm": vllm_terms}
 
 
 def peaks(terms: list[Term], *, reclaimable: bool = False) -> dict[str, int]:

@@ -9,14 +9,15 @@ weight formats x KV-cache type x where the vision tower runs) is costed term by 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from r1v_quant.model.artifact import Artifact, Geometry, describe_artifact
 from r1v_quant.model.spec import ModelSpec
-from r1v_quant.model.storage import LLM_FORMATS, mmproj_bytes, weight_bytes
+from r1v_quant.model.storage import LLM_FORMATS, mmproj_bytes, parse_awq, weight_bytes
 from r1v_quant.plan.memory_model import (
+    CUDA_CONTEXT,
     DTYPE_BYTES,
     KV_BYTES,
     Config,
@@ -24,7 +25,9 @@ from r1v_quant.plan.memory_model import (
     awq_load_transient,
     model_terms,
     peaks,
+    vllm_utilization,
 )
+from r1v_quant.plan.vllm_memory import MAX_NUM_BATCHED_TOKENS
 from r1v_quant.util.errors import R1VError
 
 GiB = 1024**3
@@ -32,12 +35,14 @@ GiB = 1024**3
 # terminal). A browser or IDE needs more: pass --reserve.
 CPU_RESERVE = int(2.5 * GiB)
 TIGHT = 0.05  # less headroom than this fraction of the device is reported as "tight"
-DEFAULT_PREFILL = {"llama.cpp": 512, "gpu-engine": 2048}  # llama.cpp's n_ubatch; an engine's prefill chunk
+# llama.cpp's n_ubatch (llama-server's default); vLLM's --max-num-batched-tokens as the plan writes it
+DEFAULT_PREFILL = {"llama.cpp": 512, "vllm": MAX_NUM_BATCHED_TOKENS}
+RUNTIME_ALIASES = {"gpu-engine": "vllm"}  # the name earlier versions of `plan` used
 GGUF_LLM_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 # Quality tiers used for ranking (lower is better): same tier = comparable quantization error in the
 # literature (AWQ int4 g128 and Q4_K_M both ~4.2-4.9 bits per weight); within a tier, more bits first.
-TIERS = {"bf16": 0, "fp16": 0, "F16": 0, "BF16": 0, "Q8_0": 1, "Q6_K": 2, "Q5_K_M": 2, "Q4_K_M": 3,
-         "awq-int4-g128": 3, "Q4_0": 3}  # fmt: skip
+TIERS = {"bf16": 0, "fp16": 0, "F16": 0, "BF16": 0, "Q8_0": 1, "awq-int8-g128": 1, "Q6_K": 2, "Q5_K_M": 2,
+         "Q4_K_M": 3, "awq-int4-g128": 3, "Q4_0": 3}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,15 +90,35 @@ def _bits(cfg: Config, g: Geometry) -> float:
     return 8 * cfg.weights.get("decoder", 0) / n if n else 0.0
 
 
+def vllm_vision_formats(llm_format: str) -> tuple[str, ...]:
+    """Vision formats vLLM can load beside a language model stored as `llm_format`.
+
+    vLLM reads ONE quantization config per checkpoint (`AWQMarlinConfig`: one `bits`, one `group_size`,
+    plus `modules_to_not_convert`), and `SkyworkR1VChatModel` builds InternViT's qkv/proj/fc1/fc2 with it
+    unless "vision_model" is listed as not converted. So the tower is either 16-bit or AWQ with the
+    language model's own bits and group size: an int8 tower beside an int4 language model (or any AWQ
+    tower beside a 16-bit one) is not a checkpoint vLLM can load."""
+    return ("bf16", llm_format) if parse_awq(llm_format) else ("bf16",)
+
+
+def _vllm_configs(llm_format: str, vision_formats: tuple[str, ...], weights_for, kv_types) -> list[Config]:
+    out = []
+    for vfmt in vision_formats:
+        w = weights_for(vfmt)
+        for kv in kv_types:
+            for eager in (False, True):
+                out.append(Config("vllm", llm_format, vfmt, kv, "gpu", "gpu", weights=w, enforce_eager=eager))
+    return out
+
+
 def preset_configs(spec: ModelSpec, device: Device, runtimes: tuple[str, ...]) -> list[Config]:
     """Every configuration worth costing for a model known only by its dimensions."""
     out: list[Config] = []
-    if device.kind == "gpu" and "gpu-engine" in runtimes:
+    if device.kind == "gpu" and "vllm" in runtimes:
         for fmt in ("bf16", "awq-int4-g128"):
-            w = weight_bytes(spec, fmt)
-            for vdev in ("gpu", "cpu"):
-                for kv in ("f16", "fp8"):
-                    out.append(Config("gpu-engine", fmt, "bf16", kv, "gpu", vdev, weights=w))
+            out += _vllm_configs(
+                fmt, vllm_vision_formats(fmt), lambda v, fmt=fmt: weight_bytes(spec, fmt, v), ("f16", "fp8")
+            )
     if "llama.cpp" in runtimes:
         for fmt in GGUF_LLM_TYPES:
             llm = _llm_part(weight_bytes(spec, fmt))
@@ -144,39 +169,56 @@ def artifact_configs(
     if "torch" in runtimes:
         dt = dtype or ("bf16" if device.kind == "gpu" else "fp32")
         out.append(_torch_config(g, art.llm_format, dt, device.kind, awq=art.kind == "awq"))
-    if device.kind == "gpu" and "gpu-engine" in runtimes:
-        for vdev in ("gpu", "cpu"):
-            for kv in (kv_type,) if kv_type else ("f16", "fp8"):
-                out.append(
-                    Config(
-                        "gpu-engine",
-                        art.llm_format,
-                        art.vision_format or "bf16",
-                        kv,
-                        "gpu",
-                        vdev,
-                        weights=dict(art.stored),
-                    )
-                )
+    vfmt = art.vision_format or "bf16"
+    loadable = parse_awq(vfmt) is None or vfmt in vllm_vision_formats(art.llm_format)  # 16-bit, or same AWQ
+    if device.kind == "gpu" and "vllm" in runtimes and loadable:
+        out += _vllm_configs(
+            art.llm_format, (vfmt,), lambda _v: dict(art.stored), (kv_type,) if kv_type else ("f16", "fp8")
+        )
     return out
 
 
+def _partial_offload(g: Geometry, cfg: Config, dev: Device, ctx: int, kw: dict[str, Any]) -> Config | None:
+    """llama.cpp on a GPU that cannot hold every layer: the same configuration with the most decoder
+    layers (`-ngl L`) that fit at `ctx`, the rest on the host; None when all fit or not even one does."""
+    if cfg.runtime != "llama.cpp" or cfg.llm_device != "gpu" or cfg.gpu_layers is not None:
+        return None
+    if evaluate(g, cfg, dev, ctx=ctx, **kw)["verdict"] != "does not fit":
+        return None
+
+    def ok(layers: int) -> bool:
+        c = replace(cfg, gpu_layers=layers)
+        return evaluate(g, c, dev, ctx=ctx, **kw)["verdict"] != "does not fit"
+
+    lo, hi = 0, g.llm_layers - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return replace(cfg, gpu_layers=lo) if lo > 0 else None
+
+
 # -- costing -----------------------------------------------------------------------------------------------
-def workload_for(cfg: Config, ctx: int, batch: int, prefill: int | None, tiles: int) -> Workload:
+def workload_for(
+    cfg: Config, ctx: int, batch: int, prefill: int | None, tiles: int, images: int = 1
+) -> Workload:
     if prefill is None:
         prefill = ctx if cfg.runtime == "torch" else min(DEFAULT_PREFILL[cfg.runtime], ctx)
-    return Workload(ctx=ctx, prefill=min(prefill, ctx), tiles=tiles, batch=batch)
+    return Workload(ctx=ctx, prefill=min(prefill, ctx), tiles=tiles, batch=batch, images=images)
 
 
 def evaluate(
     g: Geometry, cfg: Config, device: Device, *, ctx: int, batch: int, prefill: int | None, tiles: int,
-    host_ram: int | None = None,
+    host_ram: int | None = None, images: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
-    w = workload_for(cfg, ctx, batch, prefill, tiles)
+    w = workload_for(cfg, ctx, batch, prefill, tiles, images)
     terms = model_terms(g, cfg, w)
     pk = peaks(terms)
     need = pk.get(device.kind, 0)
-    fits = need <= device.usable
+    util = None
+    if cfg.runtime == "vllm":  # what vLLM takes: the CUDA context + the fraction (rounded up) of TOTAL memory
+        util = vllm_utilization(terms, device.capacity)
+        need = max(need, CUDA_CONTEXT + int(util * device.capacity))
+    fits = need <= device.usable and (util is None or util <= 1.0)
     if device.kind == "gpu" and host_ram is not None:  # the host must hold what runs beside the GPU
         fits = fits and pk.get("cpu", 0) <= host_ram
     headroom = device.usable - need
@@ -197,17 +239,21 @@ def evaluate(
         "headroom": headroom,
         "verdict": verdict,
         "llm_bits_per_weight": round(_bits(cfg, g), 2),
+        "enforce_eager": cfg.enforce_eager,
+        "gpu_layers": cfg.gpu_layers,
+        "gpu_memory_utilization": util,
     }
 
 
 def max_context(
     g: Geometry, cfg: Config, device: Device, *, batch: int, prefill: int | None, tiles: int,
-    host_ram: int | None = None,
+    host_ram: int | None = None, images: int = 1,
 ) -> int:  # fmt: skip
     """Largest context (multiple of 256, up to the model's limit) at which the configuration fits."""
 
     def ok(ctx: int) -> bool:
-        r = evaluate(g, cfg, device, ctx=ctx, batch=batch, prefill=prefill, tiles=tiles, host_ram=host_ram)
+        r = evaluate(g, cfg, device, ctx=ctx, batch=batch, prefill=prefill, tiles=tiles, host_ram=host_ram,
+                     images=images)  # fmt: skip
         return r["verdict"] != "does not fit"
 
     lo, hi = 0, max(1, g.max_ctx // 256)
@@ -227,17 +273,19 @@ VERDICT_ORDER = {"fits": 0, "tight": 1, "does not fit": 2}
 
 
 def _rank_key(r: dict[str, Any], device: Device) -> tuple:
-    native = {"gpu": ("gpu-engine",), "cpu": ("llama.cpp",)}[device.kind]
+    native = {"gpu": ("vllm",), "cpu": ("llama.cpp",)}[device.kind]
     if r["verdict"] == "does not fit":  # nothing else matters: the closest miss first
         return (2, r["device_need"])
     return (
         VERDICT_ORDER[r["verdict"]],  # fitting with headroom at the asked context first
+        r["gpu_layers"] is not None,  # decoder layers on the host cost time on every token
         device.kind == "gpu" and r["vision_device"] != "gpu",  # a 6B ViT on a CPU costs seconds per tile
         TIERS.get(r["llm_format"], 9),
         r["runtime"] not in native,
         -r["llm_bits_per_weight"],
         TIERS.get(r["vision_format"], 0),
         -KV_BYTES.get(r["kv_type"], 2.0),
+        r["enforce_eager"],  # CUDA graphs decode faster; eager only where graphs do not fit
         -r["max_ctx"],
     )
 
@@ -257,14 +305,19 @@ def plan(
     reserve: str | None = None,
     host_ram: str | None = None,
     top: int = 5,
+    images: int = 1,
+    mmproj: Path | str | None = None,
 ) -> dict[str, Any]:
     if (model is None) == (preset is None):
         raise R1VError("give either --model DIR or --preset NAME")
     if ctx < 1 or batch < 1:
         raise R1VError("--ctx and --batch must be positive")
+    if images < 0:
+        raise R1VError("--images must be 0 (text only) or more")
     if kv_type is not None and kv_type not in KV_BYTES:
         raise R1VError(f"unknown KV-cache type {kv_type!r}: one of {', '.join(KV_BYTES)}")
-    runtimes = ("torch", "llama.cpp", "gpu-engine") if runtime == "auto" else (runtime,)
+    runtime = RUNTIME_ALIASES.get(runtime, runtime)
+    runtimes = ("torch", "llama.cpp", "vllm") if runtime == "auto" else (runtime,)
     art: Artifact | None = None
     if preset is not None:
         from r1v_quant.model.presets import PRESETS, preset_spec
@@ -274,15 +327,21 @@ def plan(
         spec = preset_spec(preset)
         g = Geometry.from_spec(spec)
         if runtime == "auto":
-            runtimes = ("llama.cpp", "gpu-engine")  # what someone deploying a 38B model would run
-        source: dict[str, Any] = {"preset": preset, "formats": {f: sum(weight_bytes(spec, f).values())
-                                                                  for f in LLM_FORMATS}}  # fmt: skip
+            runtimes = ("llama.cpp", "vllm")  # what someone deploying a 38B model would run
+        formats = {f: sum(weight_bytes(spec, f).values()) for f in LLM_FORMATS}
+        source: dict[str, Any] = {"preset": preset, "flavor": spec.flavor, "formats": formats}
     else:
-        art = describe_artifact(model)  # type: ignore[arg-type]
+        art = describe_artifact(model, mmproj=mmproj)  # type: ignore[arg-type]
         g = art.geometry
-        source = {"path": str(art.path), "kind": art.kind, "llm_format": art.llm_format,
-                  "vision_format": art.vision_format, "stored": art.stored}  # fmt: skip
-    tiles = g.max_tiles if tiles is None else tiles
+        source = {"path": str(art.path), "kind": art.kind, "flavor": art.flavor, "llm_format": art.llm_format,
+                  "vision_format": art.vision_format, "stored": art.stored,
+                  "llm_gguf": str(art.llm_gguf) if art.llm_gguf else None,
+                  "mmproj_gguf": str(art.mmproj_gguf) if art.mmproj_gguf else None}  # fmt: skip
+    tiles = 0 if images == 0 else g.max_tiles if tiles is None else tiles
+    notes = list(NOTES)
+    if ctx > g.max_ctx:  # vLLM refuses a --max-model-len above max_position_embeddings; llama.cpp warns
+        notes.insert(0, f"The context asked for ({ctx}) is above the model's limit: planned at {g.max_ctx}.")
+        ctx = g.max_ctx
     res_bytes = parse_size(reserve) if reserve else None
     host = parse_size(host_ram) if host_ram else None
     out_devices = []
@@ -296,10 +355,12 @@ def plan(
             cfgs = [c for c in cfgs if c.runtime == "torch" or c.kv_type == kv_type]
         if not cfgs:
             raise R1VError(f"no {'/'.join(runtimes)} configuration applies to {text}")
+        kw = {"batch": batch, "prefill": prefill, "tiles": tiles, "host_ram": host, "images": images}
+        cfgs += [c for c in (_partial_offload(g, cfg, dev, ctx, kw) for cfg in cfgs) if c is not None]
         rows = []
         for cfg in cfgs:
-            r = evaluate(g, cfg, dev, ctx=ctx, batch=batch, prefill=prefill, tiles=tiles, host_ram=host)
-            r["max_ctx"] = max_context(g, cfg, dev, batch=batch, prefill=prefill, tiles=tiles, host_ram=host)
+            r = evaluate(g, cfg, dev, ctx=ctx, **kw)
+            r["max_ctx"] = max_context(g, cfg, dev, **kw)
             rows.append(r)
         rows.sort(key=lambda r: _rank_key(r, dev))
         groups = _group_kv(rows)
@@ -326,8 +387,9 @@ def plan(
         "ctx": ctx,
         "batch": batch,
         "tiles": tiles,
+        "images": images,
         "devices": out_devices,
-        "notes": NOTES,
+        "notes": notes,
     }
 
 
@@ -336,7 +398,8 @@ def _group_kv(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     verdict and largest context beside it (rows come ranked)."""
     out: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        key = (r["runtime"], r["llm_format"], r["vision_format"], r["llm_device"], r["vision_device"])
+        key = (r["runtime"], r["llm_format"], r["vision_format"], r["llm_device"], r["vision_device"],
+               r["enforce_eager"], r["gpu_layers"] is not None)  # fmt: skip
         if key not in out:
             out[key] = {**r, "kv_options": {}}
         out[key]["kv_options"][r["kv_type"]] = {
@@ -348,8 +411,13 @@ def _group_kv(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 NOTES = [
     "Sizes of devices are GiB (2^30 bytes); 'gpu:30GB' means a 30 GiB GPU.",
     "llama.cpp allocates the KV cache for the whole context and reserves compute buffers up front.",
-    "gpu-engine figures (vLLM / LMDeploy with AWQ or 16-bit kernels) and every GPU term are estimates: "
-    "the CUDA context is an assumed 0.5 GiB and nothing GPU-side was measured on this machine.",
+    "vLLM figures follow vLLM's start-up accounting (weights + profiling peak + CUDA graphs + KV cache "
+    "inside --gpu-memory-utilization x total memory, the CUDA context outside it; vLLM >= 0.21 counts CUDA "
+    "graphs inside the fraction). They and every GPU term are estimates: the CUDA context is an assumed "
+    "0.5 GiB and nothing GPU-side was measured on this machine; the vLLM process's host memory is not "
+    "modelled.",
+    "vLLM loads one quantization config per checkpoint: the vision tower is 16-bit or AWQ with the "
+    "language model's bits; vLLM has no mode that runs the vision tower on the CPU.",
     "With K-quants on AVX2/AVX-512 CPUs llama.cpp repacks weights into a second buffer; the file pages it "
     "read stay mapped and show in RSS but are reclaimable page cache, so they are not counted here.",
 ]
@@ -386,14 +454,14 @@ def format_plan(p: dict[str, Any], *, detail: bool = True) -> str:
             + d["verdict"].upper()
         )
         lines.append(
-            f"  {'#':>2}  {'configuration':<62} {'needs':>10} {'host':>10}  {'verdict':<13} "
+            f"  {'#':>2}  {'configuration':<84} {'needs':>10} {'host':>10}  {'verdict':<13} "
             "largest context per KV type"
         )
         for i, r in enumerate(d["recommendations"], 1):
-            host = r["peak"].get("cpu", 0) if d["kind"] == "gpu" else None
+            host = r["peak"].get("cpu") if d["kind"] == "gpu" else None
             ctxs = " ".join(f"{k}:{v['max_ctx']}" for k, v in r["kv_options"].items())
             lines.append(
-                f"  {i:>2}  {r['config']:<62} {_size(r['device_need']):>10} "
+                f"  {i:>2}  {r['config']:<84} {_size(r['device_need']):>10} "
                 f"{_size(host) if host is not None else '':>10}  {r['verdict']:<13} {ctxs}"
             )
         if detail and d["recommendations"]:
@@ -406,6 +474,14 @@ def format_plan(p: dict[str, Any], *, detail: bool = True) -> str:
                 )
             pk = ", ".join(f"{k} {_size(v)}" for k, v in best["peak"].items())
             lines.append(f"    peak: {pk}")
+            if best.get("gpu_memory_utilization") is not None:
+                util = best["gpu_memory_utilization"]
+                lines.append(
+                    f"    vLLM takes --gpu-memory-utilization {util:.2f} x {_gib(d['capacity'])} GiB = "
+                    f"{_size(util * d['capacity'])} plus the CUDA context outside it"
+                )
+            if best.get("command"):
+                lines.append(f"  command for #1: {best['command']}")
     return "\n".join(lines)
 
 
@@ -418,7 +494,7 @@ def markdown_table(p: dict[str, Any]) -> str:
     ]
     for d in p["devices"]:
         r = d["recommendations"][0]
-        host = _gib(r["peak"].get("cpu", 0)) if d["kind"] == "gpu" else ""
+        host = _gib(r["peak"]["cpu"]) if d["kind"] == "gpu" and "cpu" in r["peak"] else ""
         ctxs = ", ".join(f"{k} {v['max_ctx']:,}" for k, v in r["kv_options"].items())
         verdict = d["verdict"] if d["verdict"] != "does not fit" else "does not fit (closest shown)"
         lines.append(

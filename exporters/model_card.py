@@ -70,6 +70,8 @@ class Card:
     quality: list[dict[str, Any]] | None = None
     extra_tags: list[str] = field(default_factory=list)
     run_files: list[str] = field(default_factory=list)  # GGUF: the language model's first file, mmproj
+    # the planner's serving commands per device group (serve_commands.card_commands); [] = none planned
+    serve: list[dict[str, Any]] = field(default_factory=list)
 
 
 # -- the source model ---------------------------------------------------------------------------------------
@@ -214,13 +216,32 @@ def render_card(card: Card) -> str:
     return "\n".join(parts)
 
 
+def _serve_block(card: Card, engine: str, what: str, model_args: str) -> str:
+    """The planner's commands per device (`r1v-quant plan ... --emit ENGINE`), or why there are none."""
+    if not card.serve:
+        return ""
+    lines = []
+    for group in card.serve:
+        sizes = ", ".join(d.partition(":")[2].removesuffix("GB") for d in group["devices"])
+        kind = "GPU" if group["devices"][0].startswith("gpu") else "RAM"
+        if group["command"] is None:
+            lines.append(f"# {sizes} GiB {kind}: {group['note']}")
+        else:
+            lines += [f"# {sizes} GiB {kind}: {group['note']}", group["command"]]
+    return (
+        f"{what}: the command `r1v-quant plan {model_args} --device gpu:SIZE --emit {engine}` prints, per "
+        "device size (`cpu:SIZE` for RAM; a 32768-token context or the model's limit, one image of the most "
+        "tiles, one sequence; numbers from r1v-quant's planner, docs/profile-and-plan.md):\n\n"
+        "```bash\n" + "\n".join(lines) + "\n```\n"
+    )
+
+
 def _run_awq(card: Card) -> str:
     d = card.folder
-    return f"""vLLM (AWQ kernels need fp16 activations; Skywork's config needs its remote code):
-
-```bash
-vllm serve {d} --quantization awq --dtype float16 --trust-remote-code --max-model-len 16384
-```
+    vllm = _serve_block(
+        card, "vllm", "vLLM (>= 0.21; the Marlin AWQ kernels need compute capability 8.0)", f"--model {d}"
+    )
+    return f"""{vllm}
 
 transformers with Skywork's remote code (an AWQ kernel package such as `autoawq` or `gptqmodel` must be
 installed for the int4 linears):
@@ -245,21 +266,24 @@ r1v-quant chat --model {d}
 def _run_gguf(card: Card) -> str:
     d, (m, *mmprojs) = card.folder, card.run_files or ["MODEL.gguf"]
     if not mmprojs:
+        server = _serve_block(card, "llama-server", "llama-server", f"--model {d}/{m}")
         return f"""This folder holds the language model only (no mmproj): text in, text out.
 
 ```bash
 llama-cli -m {d}/{m} -p "Solve 12 * 13." -n 512
-llama-server -m {d}/{m}
 r1v-quant chat --gguf {d}/{m}
 ```
-"""
+
+{server}"""
     mm = mmprojs[0]
+    server = _serve_block(card, "llama-server", "llama-server", f"--model {d}/{m} --mmproj {d}/{mm}")
     return f"""llama.cpp (the vision tower and projector are the `--mmproj` file):
 
 ```bash
 llama-mtmd-cli -m {d}/{m} --mmproj {d}/{mm} --image picture.png -p "What is shown in the picture?"
-llama-server -m {d}/{m} --mmproj {d}/{mm}   # OpenAI-compatible /v1/chat/completions with image_url
 ```
+
+{server}
 
 `llama-mtmd-cli` and `llama-server` tile non-square images by llama.cpp's own rule, not InternVL's;
 r1v-quant's llama.cpp runtime tiles them exactly as the original model does:
@@ -464,7 +488,19 @@ def awq_card(report: dict[str, Any], source: Path, folder: Path, out_name: str |
         files={k: v for k, v in _files(folder).items() if k != AWQ_REPORT},
         versions=versions("awq", report.get("versions")),
         calibration_set_hash=report.get("calibration_set_hash"),
+        serve=_planned(folder, "vllm", serve_model=out_name),
     )
+
+
+def _planned(path: Path, engine: str, **kw: Any) -> list[dict[str, Any]]:
+    """The planner's commands for the card; [] when the artifact cannot be planned (the card says so by
+    leaving the block out rather than failing the export)."""
+    from r1v_quant.plan.serve_commands import card_commands
+
+    try:
+        return card_commands(path, engine, **kw)
+    except R1VError:
+        return []
 
 
 def onnx_card(report: dict[str, Any], source: Path, folder: Path, out_name: str | None = None) -> Card:
@@ -576,6 +612,12 @@ def write_gguf_card(out_dir: Path | str, source: Path, run: dict[str, Any], opti
             *([primary.get("mmproj") or mmprojs[-1]] if mmprojs else []),
         ],
     )
+    m, *mm = card.run_files
+    if (out_dir / m).is_file():
+        card.serve = _planned(
+            out_dir / m, "llama-server", mmproj=out_dir / mm[0] if mm else None, serve_model=f"{out_dir}/{m}",
+            serve_mmproj=f"{out_dir}/{mm[0]}" if mm else None,
+        )  # fmt: skip
     return write_card(out_dir, card)
 
 
