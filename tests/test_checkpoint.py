@@ -162,7 +162,7 @@ def test_single_file_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_layout_only_directory_inspects(name: str, tmp_path: Path) -> None:
-    from r1v_quant.model.inspect import inspect_model
+    from r1v_quant.model.inspect_report import inspect_model
 
     r = inspect_model(write_layout(tmp_path / name, name))
     assert not r["has_weights"] and abs(r["params_total"] / 1e9 - 38.39) < 0.01

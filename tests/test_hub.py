@@ -427,7 +427,7 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
     """The wiring only (both commands run models for minutes): they receive the snapshot directory."""
     from click.testing import CliRunner
 
-    import r1v_quant.profile.profiler
+    import r1v_quant.profiling.profiler
     import r1v_quant.runtime.chat_engines
     from r1v_quant.cli.main import main
 
@@ -437,7 +437,7 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
         seen.append(path)
         raise R1VError("stopped here")
 
-    monkeypatch.setattr(r1v_quant.profile.profiler, "profile", lambda path, **kw: stop(path))
+    monkeypatch.setattr(r1v_quant.profiling.profiler, "profile", lambda path, **kw: stop(path))
     monkeypatch.setattr(r1v_quant.runtime.chat_engines, "open_backend", lambda **kw: stop(kw["model"]))
     runner = CliRunner()
     for args in (["profile", f"{REPO}@v1"], ["chat", "--model", REPO, "--revision", "v1", "-p", "hi"]):

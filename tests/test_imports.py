@@ -23,7 +23,7 @@ LAYERS = [
     "runtime",  # torch / llama.cpp / libmtmd / ONNX Runtime engines and their request protocol
     "exporters",  # AWQ checkpoint, GGUF + mmproj, ONNX writers
     "evaluate",  # ppl / KLD, benchmarks, statistics, the release gate
-    "profile",  # measured runs
+    "profiling",  # measured runs
     "replica",  # the built-in tiny model and its training
     "cli",  # the click commands
 ]

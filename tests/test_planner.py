@@ -244,7 +244,7 @@ def _photo(path: Path, w: int, h: int) -> Path:
 
 
 def _check_prediction(path: Path, image: Path, prompt_tokens: int) -> None:
-    from r1v_quant.profile.profiler import profile
+    from r1v_quant.profiling.profiler import profile
 
     r = profile(
         path, threads=1, prompt_tokens=prompt_tokens, gen_tokens=4, image=image, repeat=1, roofline=False,

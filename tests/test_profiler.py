@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from r1v_quant.model.artifact import describe_artifact
 from r1v_quant.plan.roofline import decode_bytes_per_token, prefill_flops_per_token, roofline
-from r1v_quant.profile.profiler import profile, summarize
-from r1v_quant.profile.worker import MemoryProbe, sized_prompt
+from r1v_quant.profiling.profiler import profile, summarize
+from r1v_quant.profiling.worker import MemoryProbe, sized_prompt
 from r1v_quant.util.errors import R1VError
 
 TIMES = ("load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "vision_ms_per_tile")

@@ -176,7 +176,7 @@ class Demo:
                 "profile: first token, prefill / decode speed, memory",
                 self.profile,
                 ("profile.json",),
-                needs=("r1v_quant.profile.profiler", "llama_cpp"),
+                needs=("r1v_quant.profiling.profiler", "llama_cpp"),
                 after=("awq", "gguf"),
                 line=_profile_line,
             ),
@@ -204,7 +204,7 @@ class Demo:
             )
 
     def inspect(self) -> dict[str, Any]:
-        from r1v_quant.model.inspect import format_report, inspect_model
+        from r1v_quant.model.inspect_report import format_report, inspect_model
 
         report = inspect_model(self.model)
         click.echo(format_report(report), err=True)
@@ -270,7 +270,7 @@ class Demo:
                 "rows": [{k: r.get(k) for k in keep} for r in report["rows"]]}  # fmt: skip
 
     def profile(self) -> dict[str, Any]:
-        from r1v_quant.profile.profiler import profile
+        from r1v_quant.profiling.profiler import profile
 
         runs = {}
         for name, path in (("AWQ (torch)", self.awq), (f"{GGUF_TYPE} (llama.cpp)", self.gguf_dir)):

@@ -189,7 +189,7 @@ def tiny(
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model: Path, flavor: str | None, as_json: bool) -> None:
     """Architecture, parameters per component, dtypes and weight memory per format."""
-    from r1v_quant.model.inspect import format_report, inspect_model
+    from r1v_quant.model.inspect_report import format_report, inspect_model
 
     report = inspect_model(model, flavor=flavor)
     _emit(report, as_json, format_report(report))

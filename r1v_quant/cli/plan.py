@@ -66,7 +66,7 @@ def profile_command(
     """Measure load time, time to first token, prefill/decode speed, vision ms per tile and peak memory
     of the model at PATH (checkpoint, AWQ checkpoint, GGUF file or GGUF directory). A checkpoint may be a
     Hugging Face repo id (REPO, REPO@REV or --revision); a GGUF is a local file or folder."""
-    from r1v_quant.profile.profiler import format_profile, profile
+    from r1v_quant.profiling.profiler import format_profile, profile
 
     if image is not None and no_image:
         raise R1VError("--image and --no-image exclude each other")

@@ -1,4 +1,4 @@
-"""One measured run of `r1v-quant profile`, in a process of its own (`python -m r1v_quant.profile.worker`).
+"""One measured run of `r1v-quant profile`, in a process of its own (`python -m r1v_quant.profiling.worker`).
 
 A fresh process per run isolates the model's memory: after imports and a warm-up on a toy model of the
 same architecture (so torch's one-time initialisation, thread pools and kernels are not counted as the
@@ -517,5 +517,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
     main()

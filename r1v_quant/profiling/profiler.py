@@ -1,5 +1,5 @@
 """`r1v-quant profile`: load time, time to first token, prefill / decode speed, vision ms per tile, peak
-memory — each repeat in a fresh process (r1v_quant.profile.worker), medians and spread over repeats —
+memory — each repeat in a fresh process (r1v_quant.profiling.worker), medians and spread over repeats —
 plus the roofline (this machine's bandwidth and matmul peak) and the planner's prediction beside the
 measurement.
 """
@@ -75,7 +75,7 @@ def resolve_backend(art: Artifact, backend: str | None) -> str:
 def run_worker(req: dict[str, Any]) -> dict[str, Any]:
     env = {**MALLOC_ENV, **os.environ}
     proc = subprocess.run(
-        [sys.executable, "-m", "r1v_quant.profile.worker"],
+        [sys.executable, "-m", "r1v_quant.profiling.worker"],
         input=json.dumps(req),
         capture_output=True,
         text=True,
