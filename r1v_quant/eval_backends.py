@@ -121,6 +121,7 @@ class RuntimeOptions:
     torch_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     batch_size: int = 8  # torch backend: answers decoded at once
     parallel: int = 4  # server backend: requests in flight at once
+    max_tiles: int | None = None  # tile cap of the dynamic tiling (None: the checkpoint's max_dynamic_patch)
 
     def torch_placement(self) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(self.torch_device, "--torch-device")
@@ -139,6 +140,7 @@ class RuntimeOptions:
             "llama_gpu_layers": self.n_gpu_layers,
             "batch_size": self.batch_size,
             "parallel": self.parallel,
+            "max_tiles": self.max_tiles,
         }
 
 
@@ -159,6 +161,7 @@ class TorchBackend:
         self.tok = R1VTokenizer.from_dir(artifact.path)
         self.stop_ids = self.tok.stop_ids(self.spec.flavor)
         self.batch_size = max(1, (runtime or RuntimeOptions()).batch_size)
+        self.max_tiles = (runtime or RuntimeOptions()).max_tiles
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -179,7 +182,9 @@ class TorchBackend:
     def _embeds(self, req: GenRequest) -> tuple[torch.Tensor, list[int]]:
         from r1v_quant.model import build_inputs
 
-        ids, pixels, _ = build_inputs(self.artifact.path, self.spec, req.question, list(req.images))
+        ids, pixels, _ = build_inputs(
+            self.artifact.path, self.spec, req.question, list(req.images), max_tiles=self.max_tiles
+        )
         with torch.device(self.device):
             embeds = self.model.embed(ids.to(self.device), self._pixels(pixels))
         return embeds[0], ids[0].tolist()
@@ -244,7 +249,13 @@ class LlamaCppBackend:
     """A GGUF (+ mmproj) in llama.cpp via r1v_quant.llamacpp_runtime; CPU unless n_gpu_layers."""
 
     def __init__(
-        self, artifact: Artifact, *, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0
+        self,
+        artifact: Artifact,
+        *,
+        n_ctx: int,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        max_tiles: int | None = None,
     ):
         from r1v_quant.llamacpp_runtime import LlamaCppRuntime
 
@@ -255,6 +266,7 @@ class LlamaCppBackend:
             n_ctx=n_ctx,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
+            max_tiles=max_tiles,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -314,8 +326,12 @@ def open_backend(artifact: Artifact, *, n_ctx: int = 4096, runtime: RuntimeOptio
     if artifact.backend == "openai":
         from r1v_quant.server_backend import ServerBackend
 
+        if rt.max_tiles is not None:
+            raise R1VError(f"{artifact.path}: --max-tiles cannot reach a server (it tiles images itself)")
         return ServerBackend(artifact, parallel=rt.parallel)
-    return LlamaCppBackend(artifact, n_ctx=n_ctx, n_threads=rt.n_threads, n_gpu_layers=rt.n_gpu_layers)
+    return LlamaCppBackend(
+        artifact, n_ctx=n_ctx, n_threads=rt.n_threads, n_gpu_layers=rt.n_gpu_layers, max_tiles=rt.max_tiles
+    )
 
 
 def check_runtime_tokenizer(ref: Artifact, backend: Backend) -> None:

@@ -16,6 +16,14 @@ from typing import Any
 from r1v_quant.artifact import Artifact, Geometry, describe_artifact
 from r1v_quant.errors import R1VError
 from r1v_quant.formats import LLM_FORMATS, mmproj_bytes, weight_bytes
+from r1v_quant.image_cost import (
+    CPU_CLASS,
+    CPU_GFLOPS,
+    QUESTION_TOKENS,
+    tiles_per_image,
+    ttft_estimate,
+    ttft_lines,
+)
 from r1v_quant.memory_model import (
     DTYPE_BYTES,
     KV_BYTES,
@@ -257,6 +265,8 @@ def plan(
     reserve: str | None = None,
     host_ram: str | None = None,
     top: int = 5,
+    max_tiles: int | None = None,
+    cpu_gflops: float | None = None,
 ) -> dict[str, Any]:
     if (model is None) == (preset is None):
         raise R1VError("give either --model DIR or --preset NAME")
@@ -282,7 +292,10 @@ def plan(
         g = art.geometry
         source = {"path": str(art.path), "kind": art.kind, "llm_format": art.llm_format,
                   "vision_format": art.vision_format, "stored": art.stored}  # fmt: skip
-    tiles = g.max_tiles if tiles is None else tiles
+    if cpu_gflops is not None and cpu_gflops <= 0:
+        raise R1VError(f"--cpu-gflops must be positive (got {cpu_gflops:g})")
+    if tiles is None:  # one image at the cap: the grid plus its thumbnail (R1V always adds one)
+        tiles = g.max_tiles if max_tiles is None else tiles_per_image(max_tiles, g.max_tiles > 1)
     res_bytes = parse_size(reserve) if reserve else None
     host = parse_size(host_ram) if host_ram else None
     out_devices = []
@@ -300,6 +313,7 @@ def plan(
         for cfg in cfgs:
             r = evaluate(g, cfg, dev, ctx=ctx, batch=batch, prefill=prefill, tiles=tiles, host_ram=host)
             r["max_ctx"] = max_context(g, cfg, dev, batch=batch, prefill=prefill, tiles=tiles, host_ram=host)
+            r["ttft"] = ttft_estimate(g, r, tiles=tiles, cpu_gflops=cpu_gflops)  # vision on the CPU only
             rows.append(r)
         rows.sort(key=lambda r: _rank_key(r, dev))
         groups = _group_kv(rows)
@@ -326,6 +340,13 @@ def plan(
         "ctx": ctx,
         "batch": batch,
         "tiles": tiles,
+        "image_cost": {
+            "max_tiles": max_tiles,
+            "tiles": tiles,
+            "question_tokens": QUESTION_TOKENS,
+            "cpu_class": CPU_CLASS if cpu_gflops is None else "--cpu-gflops",
+            "cpu_gflops": CPU_GFLOPS if cpu_gflops is None else cpu_gflops,
+        },  # fmt: skip
         "devices": out_devices,
         "notes": NOTES,
     }
@@ -396,6 +417,7 @@ def format_plan(p: dict[str, Any], *, detail: bool = True) -> str:
                 f"  {i:>2}  {r['config']:<62} {_size(r['device_need']):>10} "
                 f"{_size(host) if host is not None else '':>10}  {r['verdict']:<13} {ctxs}"
             )
+        lines += ttft_lines(d)
         if detail and d["recommendations"]:
             best = d["recommendations"][0]
             lines.append(f"  breakdown of #1 ({best['config']}):")

@@ -108,6 +108,20 @@ def profile_command(
 )
 @click.option("--tiles", type=int, default=None, help="Image tiles at once (default: the model's maximum).")
 @click.option(
+    "--max-tiles",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Tile cap as in chat/eval: one image = N tiles + a thumbnail (sets --tiles when not given).",
+)
+@click.option(
+    "--cpu-gflops",
+    type=float,
+    default=None,
+    help="Your CPU's effective GFLOP/s for the time-to-first-token estimate (default: measured figures of "
+    "a 2-thread AVX-512 CPU).",
+)
+@click.option(
     "--runtime",
     type=click.Choice(["auto", "torch", "llama.cpp", "gpu-engine"]),
     default="auto",
@@ -133,7 +147,8 @@ def profile_command(
 @click.option("--json", "as_json", is_flag=True)
 def plan_command(
     model: Path | None, preset: str | None, devices: tuple[str, ...], ctx: int, batch: int,
-    prefill: int | None, tiles: int | None, runtime: str, dtype: str | None, kv_type: str | None,
+    prefill: int | None, tiles: int | None, max_tiles: int | None, cpu_gflops: float | None,
+    runtime: str, dtype: str | None, kv_type: str | None,
     reserve: str | None, host_ram: str | None, top: int, markdown: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Memory breakdown, verdict, largest context and ranked configurations for each device."""
@@ -142,7 +157,7 @@ def plan_command(
     result = plan(
         model=model, preset=preset, devices=list(devices), ctx=ctx, batch=batch, prefill=prefill,
         tiles=tiles, runtime=runtime, dtype=dtype, kv_type=kv_type, reserve=reserve, host_ram=host_ram,
-        top=top,
+        top=top, max_tiles=max_tiles, cpu_gflops=cpu_gflops,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
