@@ -37,10 +37,10 @@ CPU_CLASS = "2 threads, AVX-512 (AMD EPYC), measured by bench/vision_cost.py"
 # Effective GFLOP/s of one InternViT-6B-shaped layer per backend on CPU_CLASS (bench/results/vision_cost.json,
 # `vit6b.scaled.backends.*.layer_gflops_per_s`; tests/test_image_cost.py checks the two agree).
 CPU_GFLOPS: dict[str, float] = {
-    "torch fp32": 0.0,
-    "torch bf16": 0.0,
-    "mmproj F16": 0.0,
-    "mmproj Q8_0": 0.0,
+    "torch fp32": 35.0,
+    "torch bf16": 35.0,
+    "mmproj F16": 35.0,
+    "mmproj Q8_0": 35.0,
 }
 QUESTION_TOKENS = 64  # template + a short question beside the image tokens
 
