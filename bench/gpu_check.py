@@ -9,7 +9,8 @@ on 4 KV heads, ViT 1024 wide x 12 layers, random weights; the CUDA mode's defaul
 once on the CPU in float32 (the reference pass) and once on `--device` (the device pass), each through
 the `r1v-quant` command line in its own process:
 
-  calibrate   calibrate --device D (default set, --samples 8 --seq-len 512, no sensitivity pass)
+  calibrate   calibrate --device D (default set, no sensitivity pass; large: --samples 8 --seq-len 512,
+              small: --samples 4 --seq-len 256)
   awq         awq --device D on the same set
   eval        eval ppl --set heldout, REF vs that pass's AWQ checkpoint; device pass with
               --torch-device D --torch-dtype bfloat16
@@ -58,7 +59,7 @@ LARGE = {
         "num_hidden_layers": 12,
     },
 }
-CALIB = ["--samples", "8", "--seq-len", "512"]
+CALIB = {"small": ["--samples", "4", "--seq-len", "256"], "large": ["--samples", "8", "--seq-len", "512"]}
 TOL = {
     "calibrate_rel_l2": 1e-3,
     "awq_words_equal": 0.99,
@@ -214,9 +215,18 @@ def run(device: str, size: str, work: Path, log: Path) -> dict[str, Any]:
             "calibrate": step(
                 "calibrate",
                 which,
-                ["calibrate", str(model), "--out", str(calib), *CALIB, "--no-sensitivity", "--device", dev],
+                [
+                    "calibrate",
+                    str(model),
+                    "--out",
+                    str(calib),
+                    *CALIB[size],
+                    "--no-sensitivity",
+                    "--device",
+                    dev,
+                ],
             ),
-            "awq": step("awq", which, ["awq", str(model), "--out", str(awq), *CALIB, "--device", dev]),
+            "awq": step("awq", which, ["awq", str(model), "--out", str(awq), *CALIB[size], "--device", dev]),
             "eval": step(
                 "eval",
                 which,

@@ -6,10 +6,10 @@ decoder prefills at ~64 GFLOP each (`prefill_flops_per_token`). A CPU's time to 
 therefore vision FLOPs / vision rate + prefill FLOPs / prefill rate, the rates being effective FLOP/s of
 the runtime's kernels for the weight type.
 
-The rates below were measured on this project's reference CPU class (2 threads of an AVX-512 AMD EPYC
-server core pair, a small laptop's budget) by `bench/vision_cost.py`: one InternViT-6B-shaped layer
-(3200 wide, FFN 12800, 1,025 positions, random weights) per backend, the per-layer time taken from two
-depths so fixed costs cancel (bench/results/vision_cost.json). Prefill is not measured at 38B width: it is
+The rates below were measured on this project's reference CPU class (2 threads of an AVX-512 AMD EPYC,
+a small laptop's budget) by `bench/vision_cost.py`: one InternViT-6B-shaped layer (3200 wide, FFN 12800,
+1,025 positions, random weights) per backend, the per-layer cost taken from two depths so fixed costs
+cancel (bench/results/vision_cost.json). Prefill is not measured at 38B width: it is
 costed at the ViT's rate for the same kind of weights (llama.cpp's quantized types at its Q8_0 rate, F16 /
 BF16 at its F16 rate, torch at its dtype's rate) - matmuls of the same size class (1,025 x 3,200 x 12,800
 per ViT layer, 512 x 5,120 x 27,648 per decoder layer). A faster machine scales every figure: pass your
@@ -33,14 +33,16 @@ __all__ = [
     "ttft_lines",
 ]
 
-CPU_CLASS = "2 threads, AVX-512 (AMD EPYC), measured by bench/vision_cost.py"
-# Effective GFLOP/s of one InternViT-6B-shaped layer per backend on CPU_CLASS (bench/results/vision_cost.json,
-# `vit6b.scaled.backends.*.layer_gflops_per_s`; tests/test_image_cost.py checks the two agree).
+CPU_CLASS = "2 threads of an AVX-512 CPU, bench/vision_cost.py"
+# Effective GFLOP/s of one InternViT-6B-shaped layer per backend on CPU_CLASS, unloaded (bench/results/
+# vision_cost.json, `vit6b.scaled.backends.*.unloaded_gflops_per_s`; tests/test_image_cost.py checks the two
+# agree). The bench ran on a shared machine (load average ~9 on 2 cores): its wall-clock rates were 34-61
+# GFLOP/s; these come from the process's CPU seconds / 2 threads, what the same cores give one job alone.
 CPU_GFLOPS: dict[str, float] = {
-    "torch fp32": 35.0,
-    "torch bf16": 35.0,
-    "mmproj F16": 35.0,
-    "mmproj Q8_0": 35.0,
+    "torch fp32": 166.9,
+    "torch bf16": 338.2,
+    "mmproj F16": 164.7,
+    "mmproj Q8_0": 165.1,
 }
 QUESTION_TOKENS = 64  # template + a short question beside the image tokens
 
