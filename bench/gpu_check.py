@@ -349,6 +349,11 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"{'check':<11}{'result':<7}detail"]
     for name, c in res["checks"].items():
         detail = {k: v for k, v in c.items() if k != "ok" and not isinstance(v, dict)}
+        if name == "profile":
+            detail = {f"ttft {w}": c[w]["ttft_s"] for w in ("reference", "device")}
+            detail.update({f"VRAM {w}": c[w]["peak_vram"] for w in ("device",) if c[w]["peak_vram"]})
+        if name == "eval":
+            detail.update({f"AWQ KLD {w}": c["awq_kld"][w].get("all") for w in ("reference", "device")})
         text = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in detail.items())
         lines.append(f"{name:<11}{'ok' if c['ok'] else 'FAIL':<7}{text}")
     lines.append(f"total {res['total_seconds']:.0f} s on {res['device']} ({res['size']} replica)")
