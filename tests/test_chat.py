@@ -255,6 +255,8 @@ def test_onnx_vision_encoder_in_llamacpp_chat(
     assert a.tiles == b.tiles == 3 and a.rows.shape == b.rows.shape
     cos = (a.rows * b.rows).sum(1) / np.linalg.norm(a.rows, axis=1) / np.linalg.norm(b.rows, axis=1)
     assert cos.min() > 0.999  # fp32 ONNX against the F16 mmproj
+    capped = OnnxVision(tmp_path / "onnx", threads=2, max_tiles=1).encode(images["wide"])
+    assert capped.tiles == 1 and capped.rows.shape[0] == a.rows.shape[0] // 3  # --max-tiles reaches ONNX
     reply = ChatSession(lm, onnx, max_new_tokens=48).ask(COLOR_Q, [images["blue"]])
     assert "blue" in reply.answer
 
