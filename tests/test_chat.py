@@ -255,6 +255,8 @@ def test_onnx_vision_encoder_in_llamacpp_chat(
     assert a.tiles == b.tiles == 3 and a.rows.shape == b.rows.shape
     cos = (a.rows * b.rows).sum(1) / np.linalg.norm(a.rows, axis=1) / np.linalg.norm(b.rows, axis=1)
     assert cos.min() > 0.999  # fp32 ONNX against the F16 mmproj
+    capped = OnnxVision(tmp_path / "onnx", threads=2, max_tiles=1).encode(images["wide"])
+    assert capped.tiles == 1 and capped.rows.shape[0] == a.rows.shape[0] // 3  # --max-tiles reaches ONNX
     reply = ChatSession(lm, onnx, max_new_tokens=48).ask(COLOR_Q, [images["blue"]])
     assert "blue" in reply.answer
 
@@ -307,12 +309,29 @@ def test_json_one_shot_and_piped_stdin(llama, exported: Path, images: dict[str, 
         (("--gguf", "{g}/r1v-tiny-F16.gguf", "--image", "{img}", "-p", "hi"), "images need --mmproj"),
         (("--gguf", "{g}", "--image", "/nonexistent.png", "-p", "hi"), "image file not found"),
         (("--model", "{g}", "--mmproj", "{g}/mmproj-r1v-tiny-F16.gguf", "-p", "hi"), "--mmproj goes with"),
+        (("--gguf", "{g}", "--max-tiles", "0", "-p", "hi"), "--max-tiles must be at least 1 (got 0)"),
     ],
 )
 def test_user_errors_are_one_line(args: tuple[str, ...], needle: str, exported: Path, images) -> None:
     r = CliRunner().invoke(main, ["chat", *(a.format(g=exported, img=images["blue"]) for a in args)])
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("backend", ["gguf", "model"])
+def test_max_tiles_caps_the_tiling(
+    backend: str, exported: Path, tiny_dir: Path, images: dict[str, Path]
+) -> None:
+    """--max-tiles reaches the mmproj and the torch tower tilers: the 2:1 picture is 2 x 1 tiles + thumbnail
+    by default and one tile under --max-tiles 1 (256 prompt tokens per tile)."""
+    base = ["chat", "--gguf", str(exported)] if backend == "gguf" else ["chat", "--model", str(tiny_dir)]
+    prompt_tokens = {}
+    for cap in ([], ["--max-tiles", "1"]):
+        args = [*base, *cap, "--image", str(images["wide"]), "-p", COLOR_Q, "--max-new-tokens", "2", "--json"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        prompt_tokens[len(cap)] = json.loads(r.stdout)["prompt_tokens"]
+    assert prompt_tokens[0] - prompt_tokens[2] == 2 * 256
 
 
 def test_torch_chat_in_bfloat16(tiny_dir: Path, images: dict[str, Path]) -> None:

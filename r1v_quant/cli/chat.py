@@ -230,6 +230,14 @@ def interactive(
     help="With --model: compute dtype (auto: float32 on CPU, bfloat16 on CUDA).",
 )
 @click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
+@click.option(
+    "--max-tiles",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Tile cap of the dynamic image tiling (default: the model's, 12 for R1V; a thumbnail is added when "
+    "the grid has more than one tile). On a CPU each InternViT-6B tile costs seconds: 1-4 answer sooner.",
+)
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -250,6 +258,7 @@ def chat_command(
     torch_device: str,
     torch_dtype: str,
     n_ctx: int,
+    max_tiles: int | None,
     max_new_tokens: int,
     temperature: float,
     seed: int,
@@ -260,6 +269,7 @@ def chat_command(
 
     With --prompt: one answer, then exit. Otherwise interactive: /image PATH attaches an image to the next
     message, /reset, /help, /exit (or Ctrl-D)."""
+    from r1v_quant.plan.image_cost import check_max_tiles
     from r1v_quant.runtime.chat_engines import ChatSession, open_backend
 
     if as_json and prompt is None:
@@ -268,12 +278,13 @@ def chat_command(
         raise R1VError("--prompt is empty")
     if max_new_tokens < 1 or n_ctx < 16 or temperature < 0:
         raise R1VError("--max-new-tokens must be >= 1, --ctx >= 16 and --temperature >= 0")
+    check_max_tiles(max_tiles)
     for image in images:
         if not image.is_file():
             raise R1VError(f"image file not found: {image}")
     lm, vision = open_backend(
         gguf=gguf, mmproj=mmproj, model=model, vision_onnx=vision_onnx, threads=threads, n_ctx=n_ctx,
-        torch_device=torch_device, torch_dtype=torch_dtype,
+        torch_device=torch_device, torch_dtype=torch_dtype, max_tiles=max_tiles,
     )  # fmt: skip
     session = ChatSession(
         lm, vision, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed

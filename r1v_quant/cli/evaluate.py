@@ -63,6 +63,18 @@ def _runtime(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _max_tiles(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--max-tiles",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Tile cap of the dynamic image tiling (default: the checkpoint's max_dynamic_patch, 12 in R1V);"
+        " a whole-image thumbnail is still added when the grid has more than one tile. Fewer tiles: less "
+        "vision time and prompt, less detail.",
+    )(f)
+
+
 def _runtime_options(
     threads: int | None,
     gpu_layers: int,
@@ -70,13 +82,16 @@ def _runtime_options(
     torch_dtype: str,
     batch_size: int = 8,
     parallel: int = 4,
+    max_tiles: int | None = None,
 ) -> Any:
     """The options of `_runtime`, checked before any model loads (a CUDA request without CUDA fails now)."""
     from r1v_quant.evaluate.backends import RuntimeOptions
+    from r1v_quant.plan.image_cost import check_max_tiles
 
     if batch_size < 1 or parallel < 1:
         raise R1VError("--batch-size and --parallel must be at least 1")
-    rt = RuntimeOptions(threads, gpu_layers, torch_device, torch_dtype, batch_size, parallel)
+    check_max_tiles(max_tiles)
+    rt = RuntimeOptions(threads, gpu_layers, torch_device, torch_dtype, batch_size, parallel, max_tiles)
     rt.torch_placement()
     return rt
 
@@ -252,6 +267,7 @@ def eval_group() -> None:
     show_default=True,
     help="Storage of the reference log-probs between models.",
 )
+@_max_tiles
 @_runtime
 @click.option("--json", "as_json", is_flag=True)
 def ppl_command(
@@ -265,6 +281,7 @@ def ppl_command(
     n_text: int,
     n_image: int,
     ref_dtype: str,
+    max_tiles: int | None,
     threads: int | None,
     gpu_layers: int,
     torch_device: str,
@@ -276,8 +293,8 @@ def ppl_command(
 
     if set_name is None and text_file is None:
         raise R1VError("pass --text FILE and/or --set heldout")
-    ws = WindowSpec(set_name, text_file, ctx, stride, n_text, n_image, chunks)
-    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype)
+    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype, max_tiles=max_tiles)
+    ws = WindowSpec(set_name, text_file, ctx, stride, n_text, n_image, chunks, max_tiles)
     ref_art, arts = _resolve(ref, cands, needs_images=set_name is not None, progress=not as_json)
     windows = build_windows(ref_art, ws)
     runs = evaluate_models(
@@ -319,6 +336,7 @@ def ppl_command(
     default=None,
     help="Write every response with its grading to this JSONL file.",
 )
+@_max_tiles
 @_runtime
 @click.option("--json", "as_json", is_flag=True)
 def bench_command(
@@ -327,6 +345,7 @@ def bench_command(
     benches: tuple[str, ...],
     max_drop: float,
     save_responses: Path | None,
+    max_tiles: int | None,
     threads: int | None,
     gpu_layers: int,
     torch_device: str,
@@ -341,10 +360,15 @@ def bench_command(
     from r1v_quant.evaluate.bench import save_responses as save
     from r1v_quant.evaluate.ppl import evaluate_models
 
+    rt = _runtime_options(
+        threads, gpu_layers, torch_device, torch_dtype, o["batch_size"], o["parallel"], max_tiles
+    )
     bench = _load_benches(benches, o["limit"], o["seed"], o["skip_bad"], o["stratify"])
     needs_images = any(it.images for it in bench.items)
-    rt = _runtime_options(threads, gpu_layers, torch_device, torch_dtype, o["batch_size"], o["parallel"])
     ref_art, arts = _resolve(ref, cands, needs_images=needs_images, progress=not as_json)
+    servers = [a.name for a in arts if a.backend == "openai"]
+    if max_tiles is not None and servers:
+        raise R1VError(f"--max-tiles cannot reach {servers[0]}: a server tiles images itself")
     decoding = _decoding(ref_art, o)
     runs = evaluate_models(
         ref_art,

@@ -115,6 +115,20 @@ def profile_command(
 @click.option("--tiles", type=int, default=None, help="Tiles per image (default: the model's maximum).")
 @click.option("--images", type=int, default=1, show_default=True, help="Images per prompt (0: text only).")
 @click.option(
+    "--max-tiles",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Tile cap as in chat/eval: one image = N tiles + a thumbnail (sets --tiles when not given).",
+)
+@click.option(
+    "--cpu-gflops",
+    type=float,
+    default=None,
+    help="Your CPU's effective GFLOP/s for the time-to-first-token estimate (default: measured figures of "
+    "a 2-thread AVX-512 CPU).",
+)
+@click.option(
     "--runtime",
     type=click.Choice(["auto", "torch", "llama.cpp", "vllm", "gpu-engine"]),
     default="auto",
@@ -155,9 +169,10 @@ def profile_command(
 @click.option("--json", "as_json", is_flag=True)
 def plan_command(
     model: Path | None, preset: str | None, devices: tuple[str, ...], ctx: int, batch: int,
-    prefill: int | None, tiles: int | None, images: int, runtime: str, dtype: str | None,
-    kv_type: str | None, reserve: str | None, host_ram: str | None, top: int, markdown: bool,
-    emit: str | None, mmproj: Path | None, serve_model: str | None, serve_mmproj: str | None, as_json: bool,
+    prefill: int | None, tiles: int | None, max_tiles: int | None, cpu_gflops: float | None, images: int,
+    runtime: str, dtype: str | None, kv_type: str | None, reserve: str | None, host_ram: str | None, top: int,
+    markdown: bool, emit: str | None, mmproj: Path | None, serve_model: str | None, serve_mmproj: str | None,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Memory breakdown, verdict, largest context and ranked configurations for each device; with
     --emit, the `vllm serve` or `llama-server` command line for the best configuration that fits."""
@@ -170,7 +185,7 @@ def plan_command(
     result = plan(
         model=model, preset=preset, devices=list(devices), ctx=ctx, batch=batch, prefill=prefill,
         tiles=tiles, runtime=runtime, dtype=dtype, kv_type=kv_type, reserve=reserve, host_ram=host_ram,
-        top=top, images=images, mmproj=mmproj,
+        top=top, images=images, mmproj=mmproj, max_tiles=max_tiles, cpu_gflops=cpu_gflops,
     )  # fmt: skip
     add_commands(result)
     if emit:

@@ -33,7 +33,12 @@ class Window:
 
 
 def heldout_windows(
-    model_dir: Path | str, spec: ModelSpec, n_text: int = 16, n_image: int = 16, seed: int = HELDOUT_SEED
+    model_dir: Path | str,
+    spec: ModelSpec,
+    n_text: int = 16,
+    n_image: int = 16,
+    seed: int = HELDOUT_SEED,
+    max_tiles: int | None = None,
 ) -> list[Window]:
     tok = R1VTokenizer.from_dir(model_dir)
     out: list[Window] = []
@@ -58,7 +63,7 @@ def heldout_windows(
         out.append(window("text", p.question, p.response(), None, []))
     for p in image_problems(n_image, seed + 1):
         picture = p.render()
-        pre = preprocess_for_spec(picture, spec)
+        pre = preprocess_for_spec(picture, spec, max_tiles)
         out.append(
             window(
                 "image", f"<image>\n{p.question}", p.response(), pre.pixel_values, [pre.num_tiles], [picture]

@@ -131,6 +131,7 @@ class TorchBackend:
         self.tok = R1VTokenizer.from_dir(artifact.path)
         self.stop_ids = self.tok.stop_ids(self.spec.flavor)
         self.batch_size = max(1, (runtime or RuntimeOptions()).batch_size)
+        self.max_tiles = (runtime or RuntimeOptions()).max_tiles
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -151,7 +152,9 @@ class TorchBackend:
     def _embeds(self, req: GenRequest) -> tuple[torch.Tensor, list[int]]:
         from r1v_quant.model.reference import build_inputs
 
-        ids, pixels, _ = build_inputs(self.artifact.path, self.spec, req.question, list(req.images))
+        ids, pixels, _ = build_inputs(
+            self.artifact.path, self.spec, req.question, list(req.images), max_tiles=self.max_tiles
+        )
         with torch.device(self.device):
             embeds = self.model.embed(ids.to(self.device), self._pixels(pixels))
         return embeds[0], ids[0].tolist()
@@ -216,7 +219,13 @@ class LlamaCppBackend:
     """A GGUF (+ mmproj) in llama.cpp via r1v_quant.runtime.llamacpp; CPU unless n_gpu_layers."""
 
     def __init__(
-        self, artifact: Artifact, *, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0
+        self,
+        artifact: Artifact,
+        *,
+        n_ctx: int,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        max_tiles: int | None = None,
     ):
         from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
@@ -227,6 +236,7 @@ class LlamaCppBackend:
             n_ctx=n_ctx,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
+            max_tiles=max_tiles,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -286,8 +296,12 @@ def open_backend(artifact: Artifact, *, n_ctx: int = 4096, runtime: RuntimeOptio
     if artifact.backend == "openai":
         from r1v_quant.evaluate.server_backend import ServerBackend
 
+        if rt.max_tiles is not None:
+            raise R1VError(f"{artifact.path}: --max-tiles cannot reach a server (it tiles images itself)")
         return ServerBackend(artifact, parallel=rt.parallel)
-    return LlamaCppBackend(artifact, n_ctx=n_ctx, n_threads=rt.n_threads, n_gpu_layers=rt.n_gpu_layers)
+    return LlamaCppBackend(
+        artifact, n_ctx=n_ctx, n_threads=rt.n_threads, n_gpu_layers=rt.n_gpu_layers, max_tiles=rt.max_tiles
+    )
 
 
 def check_runtime_tokenizer(ref: Artifact, backend: Backend) -> None:

@@ -47,6 +47,7 @@ class WindowSpec:
     n_text: int = 16
     n_image: int = 16
     max_windows: int = 0  # text-file windows (0: all)
+    max_tiles: int | None = None  # heldout images: tile cap (None: the checkpoint's)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class WindowSpec:
             "stride": self.stride or self.ctx,
             "n_text": self.n_text,
             "n_image": self.n_image,
+            "max_tiles": self.max_tiles,
         }
 
 
@@ -71,7 +73,9 @@ def build_windows(ref: Artifact, ws: WindowSpec) -> list[Window]:
     if ws.set_name is not None:
         if ws.set_name not in SETS:
             raise R1VError(f"unknown window set {ws.set_name!r} (known: {', '.join(SETS)})")
-        windows += heldout_windows(ref.path, load_spec(ref.path), n_text=ws.n_text, n_image=ws.n_image)
+        windows += heldout_windows(
+            ref.path, load_spec(ref.path), n_text=ws.n_text, n_image=ws.n_image, max_tiles=ws.max_tiles
+        )
     if ws.text_file is not None:
         try:
             text = Path(ws.text_file).read_text(encoding="utf-8")

@@ -144,14 +144,16 @@ def build_inputs(
     *,
     system: str | None = None,
     think: bool = True,
+    max_tiles: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """Prompt in the flavour's template with each `<image>` expanded to its tiles' <IMG_CONTEXT> run."""
+    """Prompt in the flavour's template with each `<image>` expanded to its tiles' <IMG_CONTEXT> run
+    (`max_tiles` overrides the checkpoint's tile cap)."""
     from r1v_quant.model.preprocess import expand_image_placeholders, preprocess_for_spec
     from r1v_quant.model.prompts import build_prompt
     from r1v_quant.model.tokenizer import R1VTokenizer
 
     tok = R1VTokenizer.from_dir(model_dir)
-    prepped = [preprocess_for_spec(p, spec) for p in images]
+    prepped = [preprocess_for_spec(p, spec, max_tiles) for p in images]
     if images and "<image>" not in question:
         question = "<image>\n" * len(images) + question
     messages = ([{"role": "system", "content": system}] if system else []) + [

@@ -16,6 +16,14 @@ from typing import Any
 from r1v_quant.model.artifact import Artifact, Geometry, describe_artifact
 from r1v_quant.model.spec import ModelSpec
 from r1v_quant.model.storage import LLM_FORMATS, mmproj_bytes, parse_awq, weight_bytes
+from r1v_quant.plan.image_cost import (
+    CPU_CLASS,
+    CPU_GFLOPS,
+    QUESTION_TOKENS,
+    tiles_per_image,
+    ttft_estimate,
+    ttft_lines,
+)
 from r1v_quant.plan.memory_model import (
     CUDA_CONTEXT,
     DTYPE_BYTES,
@@ -307,6 +315,8 @@ def plan(
     top: int = 5,
     images: int = 1,
     mmproj: Path | str | None = None,
+    max_tiles: int | None = None,
+    cpu_gflops: float | None = None,
 ) -> dict[str, Any]:
     if (model is None) == (preset is None):
         raise R1VError("give either --model DIR or --preset NAME")
@@ -337,7 +347,12 @@ def plan(
                   "vision_format": art.vision_format, "stored": art.stored,
                   "llm_gguf": str(art.llm_gguf) if art.llm_gguf else None,
                   "mmproj_gguf": str(art.mmproj_gguf) if art.mmproj_gguf else None}  # fmt: skip
-    tiles = 0 if images == 0 else g.max_tiles if tiles is None else tiles
+    if cpu_gflops is not None and cpu_gflops <= 0:
+        raise R1VError(f"--cpu-gflops must be positive (got {cpu_gflops:g})")
+    if images == 0:
+        tiles = 0
+    elif tiles is None:  # one image at the cap: the grid plus its thumbnail (R1V always adds one)
+        tiles = g.max_tiles if max_tiles is None else tiles_per_image(max_tiles, g.max_tiles > 1)
     notes = list(NOTES)
     if ctx > g.max_ctx:  # vLLM refuses a --max-model-len above max_position_embeddings; llama.cpp warns
         notes.insert(0, f"The context asked for ({ctx}) is above the model's limit: planned at {g.max_ctx}.")
@@ -361,6 +376,7 @@ def plan(
         for cfg in cfgs:
             r = evaluate(g, cfg, dev, ctx=ctx, **kw)
             r["max_ctx"] = max_context(g, cfg, dev, **kw)
+            r["ttft"] = ttft_estimate(g, r, tiles=tiles, cpu_gflops=cpu_gflops)  # vision on the CPU only
             rows.append(r)
         rows.sort(key=lambda r: _rank_key(r, dev))
         groups = _group_kv(rows)
@@ -388,6 +404,13 @@ def plan(
         "batch": batch,
         "tiles": tiles,
         "images": images,
+        "image_cost": {
+            "max_tiles": max_tiles,
+            "tiles": tiles,
+            "question_tokens": QUESTION_TOKENS,
+            "cpu_class": CPU_CLASS if cpu_gflops is None else "--cpu-gflops",
+            "cpu_gflops": CPU_GFLOPS if cpu_gflops is None else cpu_gflops,
+        },  # fmt: skip
         "devices": out_devices,
         "notes": notes,
     }
@@ -464,6 +487,7 @@ def format_plan(p: dict[str, Any], *, detail: bool = True) -> str:
                 f"  {i:>2}  {r['config']:<84} {_size(r['device_need']):>10} "
                 f"{_size(host) if host is not None else '':>10}  {r['verdict']:<13} {ctxs}"
             )
+        lines += ttft_lines(d)
         if detail and d["recommendations"]:
             best = d["recommendations"][0]
             lines.append(f"  breakdown of #1 ({best['config']}):")

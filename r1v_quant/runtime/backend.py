@@ -69,6 +69,7 @@ class RuntimeOptions:
     torch_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     batch_size: int = 8  # torch backend: answers decoded at once
     parallel: int = 4  # server backend: requests in flight at once
+    max_tiles: int | None = None  # tile cap of the dynamic tiling (None: the checkpoint's max_dynamic_patch)
 
     def torch_placement(self) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(self.torch_device, "--torch-device")
@@ -87,4 +88,5 @@ class RuntimeOptions:
             "llama_gpu_layers": self.n_gpu_layers,
             "batch_size": self.batch_size,
             "parallel": self.parallel,
+            "max_tiles": self.max_tiles,
         }

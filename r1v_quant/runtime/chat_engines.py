@@ -204,15 +204,16 @@ class TorchVision:
 
     name = "vision tower (torch)"
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, max_tiles: int | None = None):
         self.model = model
         self.width = model.spec.llm.hidden_size
+        self.max_tiles = max_tiles
 
     def encode(self, image: ImageSource) -> ImageEmbeds:
         from r1v_quant.model.preprocess import preprocess_for_spec
 
         spec = self.model.spec
-        prepped = preprocess_for_spec(image, spec)
+        prepped = preprocess_for_spec(image, spec, self.max_tiles)
         weight = next(self.model.parameters())  # the model's device and dtype
         out = self.model.image_embeds(prepped.pixel_values.to(device=weight.device, dtype=weight.dtype))
         return ImageEmbeds(out.reshape(-1, out.shape[-1]).float().cpu().numpy(), prepped.num_tiles)
@@ -221,15 +222,16 @@ class TorchVision:
 class OnnxVision:
     """An `r1v-quant onnx` export in onnxruntime (tiling and normalisation from its preprocessing.json)."""
 
-    def __init__(self, path: Path | str, *, threads: int = 0):
+    def __init__(self, path: Path | str, *, threads: int = 0, max_tiles: int | None = None):
         from r1v_quant.runtime.onnx import OnnxVisionEncoder
 
+        self.max_tiles = max_tiles
         self.encoder = OnnxVisionEncoder(path, "auto", threads=threads)
         self.width = self.encoder.hidden_size
         self.name = f"ONNX ({self.encoder.active_provider})"
 
     def encode(self, image: ImageSource) -> ImageEmbeds:
-        out, tiles = self.encoder.encode_image(image)
+        out, tiles = self.encoder.encode_image(image, self.max_tiles)
         return ImageEmbeds(np.ascontiguousarray(out.reshape(-1, out.shape[-1]), np.float32), tiles)
 
 
@@ -352,12 +354,19 @@ def open_backend(
     n_ctx: int = 4096,
     torch_device: str = "auto",
     torch_dtype: str = "auto",
+    max_tiles: int | None = None,
 ) -> tuple[LanguageModel, VisionEncoder | None]:
     """Open the language model and the vision encoder a chat asks for (no vision: text-only chat).
-    `torch_device` / `torch_dtype` place a --model checkpoint as `eval` does (RuntimeOptions)."""
+    `torch_device` / `torch_dtype` place a --model checkpoint as `eval` does (RuntimeOptions); `max_tiles`
+    caps the dynamic tiling of every image (None: the model's own cap)."""
+    from r1v_quant.plan.image_cost import check_max_tiles
+
+    check_max_tiles(max_tiles)
     if (gguf is None) == (model is None):
         raise R1VError("give either --gguf (llama.cpp) or --model (torch checkpoint), not both or neither")
-    onnx = OnnxVision(vision_onnx, threads=threads or 0) if vision_onnx is not None else None
+    onnx = None
+    if vision_onnx is not None:
+        onnx = OnnxVision(vision_onnx, threads=threads or 0, max_tiles=max_tiles)
     if gguf is not None:
         from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair
 
@@ -365,7 +374,7 @@ def open_backend(
         mmproj = mmproj or found
         if mmproj is not None and not Path(mmproj).is_file():
             raise R1VError(f"{mmproj}: no such mmproj file")
-        rt = LlamaCppRuntime(llm_file, mmproj, n_ctx=n_ctx, n_threads=threads)
+        rt = LlamaCppRuntime(llm_file, mmproj, n_ctx=n_ctx, n_threads=threads, max_tiles=max_tiles)
         vision: VisionEncoder | None = onnx or (MmprojVision(rt) if rt.has_vision else None)
         return LlamaCppLM(rt), vision
     if mmproj is not None:
@@ -382,4 +391,4 @@ def open_backend(
         torch.set_num_threads(threads)
     net = R1VModel.from_checkpoint(model, dtype=dtype, device=device)
     lm = TorchLM(net, R1VTokenizer.from_dir(model), n_ctx=n_ctx)
-    return lm, onnx or TorchVision(net)
+    return lm, onnx or TorchVision(net, max_tiles)

@@ -128,8 +128,9 @@ class OnnxVisionEncoder:
         (y,) = self.session.run([self.output_name], {self.input_name: x})
         return y
 
-    def encode_image(self, source: Any) -> tuple[np.ndarray, int]:
-        """Preprocess one image per preprocessing.json (r1v_quant.model.preprocess) and encode it.
+    def encode_image(self, source: Any, max_tiles: int | None = None) -> tuple[np.ndarray, int]:
+        """Preprocess one image per preprocessing.json (r1v_quant.model.preprocess) and encode it; `max_tiles`
+        overrides the grid's tile cap (the thumbnail rule is kept).
 
         Returns (image_embeds, num_tiles): the prompt's `<image>` expands to num_tiles * 256 <IMG_CONTEXT>.
         """
@@ -141,7 +142,7 @@ class OnnxVisionEncoder:
             source,
             image_size=int(pp.get("image_size", self.image_size)),
             min_num=int(tiling.get("min_tiles", 1)),
-            max_num=int(tiling.get("max_tiles", 12)),
+            max_num=int(tiling.get("max_tiles", 12)) if max_tiles is None else max_tiles,
             use_thumbnail=bool(tiling.get("use_thumbnail", True)),
             dynamic=bool(tiling.get("dynamic", True)),
         )
