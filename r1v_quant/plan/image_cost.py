@@ -1,10 +1,10 @@
 """Time to first token with an image on a CPU, and the tile cap (`--max-tiles`) that sets it.
 
-InternViT-6B does ~12 TFLOP per 448 x 448 tile (5.5 B matmul weights x 1,025 positions x 2, plus
-attention and mlp1: `r1v_quant.plan.roofline.vision_flops_per_tile`), and every tile adds 256 prompt
-tokens, which the 38B decoder prefills at ~64 GFLOP each (`prefill_flops_per_token`). A CPU's time to
-the first token is therefore vision FLOPs / vision rate + prefill FLOPs / prefill rate, the rates being effective FLOP/s of
-the runtime's kernels for the weight type.
+InternViT-6B does ~12 TFLOP per 448 x 448 tile (5.5 B matmul weights x 1,025 positions x 2, plus attention
+and mlp1: `r1v_quant.plan.roofline.vision_flops_per_tile`), and every tile adds 256 prompt tokens, which the
+38B decoder prefills at ~64 GFLOP each (`prefill_flops_per_token`). A CPU's time to the first token is
+therefore vision FLOPs / vision rate + prefill FLOPs / prefill rate, the rates being effective FLOP/s of the
+runtime's kernels for the weight type.
 
 The rates below were measured on this project's reference CPU class (2 threads of an AVX-512 AMD EPYC,
 a small laptop's budget) by `bench/vision_cost.py`: one InternViT-6B-shaped layer (3200 wide, FFN 12800,
