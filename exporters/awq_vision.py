@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def embedding_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def search_vision(
     prep: Any,  # calibration.pipeline.Prepared
-    store: Any,  # calibration.store.ActivationStore
+    budget: int | None,
     cfg: AWQConfig,
     method: str,
     device: torch.device,
@@ -121,22 +122,51 @@ def search_vision(
     *,
     progress: bool = True,
     knobs: VitSearch | None = None,
+    on_layer: Callable[[int, VisionLayer], None] | None = None,
 ) -> dict[str, Any]:
     """Search and save every ViT layer that feeds the embeddings into `work/vision/NNNNN.safetensors`
-    (a layer already there, from an interrupted run, is reused); returns the vision report."""
+    (a layer already there, from an interrupted run, is reused); returns the vision report.
+    `on_layer(i, fake_quant_layer)` sees each finished layer. With cfg.bits other than 4 nothing is saved
+    (the AWQ GEMM layout is 4-bit): that is for measuring 8 bits (bench/awq_vision.py) through `on_layer`.
+
+    The tiles' hidden states live in a store of their own with the run's --max-memory `budget` (spilling
+    into the work folder beyond it), closed before the decoder's capture starts; the preflight plan does
+    not count it (docs/awq.md)."""
+    from r1v_quant.calibration.store import ActivationStore
+
+    t0 = time.perf_counter()
+    knobs = knobs or VitSearch()
+    todo = [j for j, r in enumerate(prep.rendered) if r.image_keys]
+    if not todo:
+        raise R1VError("--vision int4: the calibration set has no image samples to calibrate the tower on")
+    (work / VISION_WORK).mkdir(parents=True, exist_ok=True)
+    store = ActivationStore(budget, work / "vision-spill")
+    try:
+        return _search(prep, store, todo, cfg, method, device, work, progress, knobs, t0, on_layer)
+    finally:
+        store.close()
+
+
+def _search(
+    prep: Any,
+    store: Any,
+    todo: list[int],
+    cfg: AWQConfig,
+    method: str,
+    device: torch.device,
+    work: Path,
+    progress: bool,
+    knobs: VitSearch,
+    t0: float,
+    on_layer: Callable[[int, VisionLayer], None] | None,
+) -> dict[str, Any]:
     from r1v_quant.calibration.capture import _loaded
     from r1v_quant.calibration.store import ActivationList
     from r1v_quant.exporters.awq_export import _layer_tensors, _load_saved_layer
 
-    t0 = time.perf_counter()
-    knobs = knobs or VitSearch()
     ckpt, spec = prep.ckpt, prep.ckpt.spec
     v = spec.vision
-    todo = [j for j, r in enumerate(prep.rendered) if r.image_keys]
-    if not todo:
-        raise R1VError("--vision int4: the calibration set has no image samples to calibrate the tower on")
     depth = vision_depth(spec)
-    (work / VISION_WORK).mkdir(parents=True, exist_ok=True)
     hidden = ActivationList(store, "vit_awq_hidden", len(todo))
     embeddings = _loaded(
         lambda: VisionEmbeddings(v), ckpt.with_prefix("vision_model.embeddings"), torch.float32, device
@@ -162,7 +192,7 @@ def search_vision(
             _round_params_fp16(plain)
             apply_vit_quantized(plain, q_rtn)
             path = work / VISION_WORK / f"{li:05d}.safetensors"
-            saved = _load_saved_layer(path, li)
+            saved = _load_saved_layer(path, li) if cfg.bits == 4 else None
             nxt = layer(ref)
             if saved is not None:
                 report, tensors = saved
@@ -173,8 +203,11 @@ def search_vision(
                 res.quantized = {k: _cpu(qw) for k, qw in res.quantized.items()}
                 res.state = {k: t.cpu() for k, t in res.state.items()}
                 report = res.report
-                with atomic_file(path) as tmp:
-                    save_file(_layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
+                if cfg.bits == 4:
+                    with atomic_file(path) as tmp:
+                        save_file(_layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
+            if on_layer:
+                on_layer(li, layer)
             quant, rtn, ref = layer(quant), plain(rtn), nxt
             layers.append(report)
             bar.update(1)
@@ -182,7 +215,6 @@ def search_vision(
             del layer, plain
     finally:
         bar.close()
-        store.drop("vit_awq_hidden")
     proj = _loaded(
         lambda: Projector(spec.projector_in, spec.llm.hidden_size),
         ckpt.with_prefix("mlp1"),
@@ -200,7 +232,7 @@ def search_vision(
 
     e16 = embed(ref)
     return {
-        "mode": "int4",
+        "mode": f"int{cfg.bits}",
         "method": method,
         "layers": layers,
         "quantized_layers": depth,
@@ -214,6 +246,7 @@ def search_vision(
             "searched": embedding_agreement(embed(quant), e16),
             "round_to_nearest": embedding_agreement(embed(rtn), e16),
         },
+        "memory": {"peak_cached_ram_bytes": store.peak_mem_bytes, "spilled_bytes": store.spilled_total},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

@@ -39,7 +39,7 @@ from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
 from r1v_quant.llm import rope_cos_sin
 from r1v_quant.model import R1VModel
 
-OPTS = AWQOptions(samples=4, seq_len=512)
+OPTS = AWQOptions(samples=4, seq_len=512, vision="16bit")  # the tower: tests/test_awq_vision.py
 
 
 def test_folding_keeps_16bit_output(tiny_dir: Path) -> None:
