@@ -11,7 +11,7 @@ the real `awq` checkpoints, language model int4, with `--vision 16bit` and `--vi
   - image-answer accuracy on the replica's held-out image questions and probe pictures (greedy, the
     build's own skill check, r1v_quant/tiny_train.py).
 The mmproj rows: libmtmd's embeddings of the same pictures (InternVL tiling) vs the torch 16-bit tower,
-per mmproj type the exporter writes (F16, Q8_0).
+per mmproj type the exporter writes (F16, Q8_0, Q4_0).
 
     python bench/awq_vision.py [--model DIR] [--samples 8] [--seq-len 1024] [--eval 32]
 """
@@ -142,7 +142,7 @@ def main() -> None:
             from r1v_quant.exporters.mtmd_runtime import embedding_parity
 
             pictures = [im for w in img_windows for im in w.images]
-            for typ in ("F16", "Q8_0"):
+            for typ in ("F16", "Q8_0", "Q4_0"):
                 path = tmp / f"mmproj-{typ}.gguf"
                 info = export_mmproj_gguf(model_dir, path, typ)
                 par = embedding_parity(model_dir, path, pictures, n_threads=1)

@@ -43,6 +43,7 @@ from r1v_quant.errors import R1VError
 from r1v_quant.exporters.awq_vision import (
     INT8_REFUSAL,
     VISION_MODES,
+    VISION_WORK,
     check_vision_option,
     modules_to_not_convert,
     packed_vision_layers,
@@ -250,7 +251,8 @@ def _quantize_awq(
             prep, model_dir, out, work, opts, cfg, device, plan, t0, progress=progress, on_layer=on_layer
         )
     except BaseException:
-        if not any((work / "layers").glob("*.safetensors")):
+        finished = [*(work / "layers").glob("*.safetensors"), *(work / VISION_WORK).glob("*.safetensors")]
+        if not finished:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
         raise
 
@@ -288,7 +290,7 @@ def _search_and_assemble(
     if opts.vision == "int4":
         vcfg = AWQConfig(group_size=opts.group_size)
         try:
-            vision = search_vision(prep, store, vcfg, opts.method, device, work, progress=progress)
+            vision = search_vision(prep, plan.budget, vcfg, opts.method, device, work, progress=progress)
         except BaseException:
             store.close()
             raise
