@@ -227,7 +227,10 @@ def _quantize_awq(
     check_group_size(prep.ckpt.spec, opts.group_size)
     check_vision_option(prep.ckpt.spec, opts.vision, opts.group_size)
     if opts.vision == "int4" and not any(r.image_keys for r in prep.rendered):
-        raise R1VError("--vision int4: the calibration set has no image samples to calibrate the tower on")
+        raise R1VError(
+            "--vision int4: the calibration set has no image samples to calibrate the tower on "
+            "(use a set with images, or --vision 16bit)"
+        )
     # memory, disk and time before anything heavy (or anything written): refuse what cannot finish
     plan = plan_job(
         "awq",
