@@ -149,6 +149,13 @@ def main() -> None:
             awq = args.awq or make_awq(Path(tmp))
             vis = vision_check(awq, args.autoawq)
         print(json.dumps(vis, indent=2))
+        from results_io import write_result
+
+        vis["awq"] = str(args.awq or "tiny replica (quantized here, --vision int4)")
+        vis["autoawq_packing_utils"] = (
+            "AutoAWQ 0.2.9 awq/utils/packing_utils.py (unpack_awq, reverse_awq_order)"
+        )
+        print(f"wrote {write_result('awq_independent_vision', vis)}")
         print(
             f"AutoAWQ's unpacker read {vis['vision_linears_read_by_autoawq']} vision linears: image "
             f"embeddings "
