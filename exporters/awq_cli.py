@@ -65,10 +65,11 @@ from r1v_quant.cli_params import model_argument
 @click.option(
     "--vision",
     type=click.Choice(["int4", "int8", "16bit"]),
-    default="int4",
+    default="16bit",
     show_default=True,
-    help="The InternViT tower: int4 (searched like the decoder, AWQ-packed, vLLM builds it with the AWQ "
-    "method) or 16bit. int8 is refused: vLLM's AWQ kernels are 4-bit only (docs/awq.md).",
+    help="The InternViT tower: 16bit, or int4 (searched like the decoder on the calibration set's image "
+    "tiles, AWQ-packed; vLLM builds it with the AWQ method; ~8 GB less for InternViT-6B). int8 is refused: "
+    "vLLM's AWQ kernels are 4-bit only (docs/awq.md).",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
 @click.option("--json", "as_json", is_flag=True)

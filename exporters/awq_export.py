@@ -57,6 +57,7 @@ from r1v_quant.quant import check_group
 from r1v_quant.spec import LLM_PREFIX
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+VISION_COSINE_NOTE = 0.99  # an int4 tower below this mean embedding cosine gets a note (docs/awq.md)
 MODULES_TO_NOT_CONVERT = modules_to_not_convert("16bit")  # the 16-bit tower's list; int4: awq_vision.py
 
 
@@ -73,7 +74,7 @@ class AWQOptions:
     propagate: str = "fp"  # fp: next layer sees 16-bit outputs | quant: the quantized layer's outputs
     device: str = "auto"
     max_memory: str | None = "auto"  # auto | a size | none (calibration/store.py parse_max_memory)
-    vision: str = "int4"  # int4: the ViT linears searched and packed too (exporters/awq_vision.py) | 16bit
+    vision: str = "16bit"  # | int4: the ViT linears searched and packed too (exporters/awq_vision.py)
 
     def fingerprint(self, model_dir: Path) -> str:
         # everything that changes the result; --resume refuses to continue a run made with other settings
@@ -297,6 +298,14 @@ def _search_and_assemble(
         except BaseException:
             store.close()
             raise
+        cos = vision["embedding_cosine"]["searched"]["mean"]
+        if cos < VISION_COSINE_NOTE:  # the replica cannot tell how much a real tower loses: say it here
+            print(
+                f"note: the int4 vision tower's image embeddings reach a mean per-token cosine of {cos:.4f} "
+                f"against the 16-bit tower on the calibration tiles (below {VISION_COSINE_NOTE}); consider "
+                "--vision 16bit",
+                file=sys.stderr,
+            )
     t_vision = time.perf_counter()
     bar = tqdm(
         total=ckpt.spec.llm.num_layers, desc=f"{opts.method} search", unit="layer", disable=not progress
