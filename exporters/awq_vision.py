@@ -40,6 +40,7 @@ from r1v_quant.vision_awq import (
     VitInputStats,
     VitSearch,
     apply_vit_quantized,
+    embedding_channel_weights,
     quantize_vit_layer,
     rtn_vit_layer,
 )
@@ -176,6 +177,14 @@ def _search(
         hidden[i] = embeddings(prep.renderer.pixels(prep.rendered[j], prep.cset).to(device)).cpu()
         counts.append(hidden[i].shape[0])
     del embeddings
+    proj = _loaded(
+        lambda: Projector(spec.projector_in, spec.llm.hidden_size),
+        ckpt.with_prefix("mlp1"),
+        torch.float32,
+        device,
+    )
+    _round_params_fp16(proj)  # the checkpoint stores mlp1 in fp16: compare what a loader computes
+    weight = embedding_channel_weights(proj, v.hidden_size) if knobs.embedding_weights else None
     picks = score_tiles(counts, knobs.score_tiles)
     ref = torch.stack([hidden[i][t] for i, t in picks]).to(device)  # the score tiles, 16-bit chain
     quant, rtn = ref.clone(), ref.clone()  # the same tiles through the quantized / plain-rounded tower
@@ -199,7 +208,7 @@ def _search(
                 _fake_quant_from_tensors(layer, tensors)
                 report["resumed"] = True
             else:
-                res = quantize_vit_layer(li, layer, ref, stats.mean_abs(), cfg, method, knobs)
+                res = quantize_vit_layer(li, layer, ref, stats.mean_abs(), cfg, method, knobs, weight)
                 res.quantized = {k: _cpu(qw) for k, qw in res.quantized.items()}
                 res.state = {k: t.cpu() for k, t in res.state.items()}
                 report = res.report
@@ -215,13 +224,6 @@ def _search(
             del layer, plain
     finally:
         bar.close()
-    proj = _loaded(
-        lambda: Projector(spec.projector_in, spec.llm.hidden_size),
-        ckpt.with_prefix("mlp1"),
-        torch.float32,
-        device,
-    )
-    _round_params_fp16(proj)  # the checkpoint stores mlp1 in fp16: compare what a loader computes
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         x = x[:, 1:, :]

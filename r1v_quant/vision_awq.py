@@ -67,6 +67,9 @@ class VitSearch:
     score_tiles: int = 16  # tiles whose block outputs score the candidates (the caller picks them)
     screen_tiles: int = 4  # every candidate is first scored on this many of them; 0 = no screen
     screen_keep: int = 4  # the best this many (and plain rounding) are re-scored on all score tiles
+    # True: weigh each residual channel's error by its cost to the image embeddings
+    # (embedding_channel_weights); measured no better on the replica (docs/awq.md), so off by default
+    embedding_weights: bool = False
 
 
 class VitInputStats:
@@ -154,13 +157,21 @@ def _group_output(layer: VisionLayer, g: VitGroup, f: VitFeatures, tiles: slice)
     raise ValueError(f"no output rule for {g.scored!r}")
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean())
+def _mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    """Mean squared error; with `w` (c,) each channel's squared error is weighted (normalised to mean 1)."""
+    d = (a - b).pow(2)
+    return float(d.mean() if w is None else (d * (w / w.mean())).mean())
 
 
 @torch.no_grad()
 def _search_scales(
-    layer: VisionLayer, g: VitGroup, f: VitFeatures, mean_abs: torch.Tensor, cfg: AWQConfig, knobs: VitSearch
+    layer: VisionLayer,
+    g: VitGroup,
+    f: VitFeatures,
+    mean_abs: torch.Tensor,
+    cfg: AWQConfig,
+    knobs: VitSearch,
+    w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The best per-input-channel scale of one group (s = 1, plain rounding, always competes)."""
     lin = layer.get_submodule(g.linear)
@@ -183,7 +194,7 @@ def _search_scales(
         for i in idx:
             s = candidates[i][2]
             lin.weight.copy_(quantize_weight(original * s, gs, cfg.bits).dequantize() / s)
-            out.append(_mse(*_group_output(layer, g, f, tiles)))
+            out.append(_mse(*_group_output(layer, g, f, tiles), w))
         return out
 
     n = f.x.shape[0]
@@ -225,9 +236,10 @@ def _gram(x: torch.Tensor, gs: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_error(layer: VisionLayer, f: VitFeatures) -> float:
-    """Mean squared error of the block output at the score tiles against the 16-bit output."""
-    return _mse(layer(f.x), f.out)
+def block_error(layer: VisionLayer, f: VitFeatures, w: torch.Tensor | None = None) -> float:
+    """Mean squared error of the block output at the score tiles against the 16-bit output (channels
+    weighted by `w` when given)."""
+    return _mse(layer(f.x), f.out, w)
 
 
 def check_vit_shapes(layer: VisionLayer, cfg: AWQConfig, index: int) -> None:
@@ -263,10 +275,13 @@ def quantize_vit_layer(
     cfg: AWQConfig,
     method: str = "awq",
     knobs: VitSearch = VitSearch(),
+    channel_weight: torch.Tensor | None = None,
 ) -> LayerResult:
     """AWQ (or plain round-to-nearest) of one ViT layer. `score`: (tiles, T, c) inputs of the score tiles;
-    `mean_abs`: mean |x| per input channel of each linear over every calibration token (VitInputStats).
-    `layer` is left holding the fake-quant weights (and the folded norms)."""
+    `mean_abs`: mean |x| per input channel of each linear over every calibration token (VitInputStats);
+    `channel_weight` (c,): how much an error in each residual channel costs the image embeddings
+    (`embedding_channel_weights`); None scores every channel alike. `layer` is left holding the fake-quant
+    weights (and the folded norms)."""
     t0 = time.perf_counter()
     check_vit_shapes(layer, cfg, index)
     if not torch.isfinite(score).all():
@@ -279,13 +294,13 @@ def quantize_vit_layer(
         q = rtn_vit_layer(layer, cfg)
         _round_params_fp16(layer)
         apply_vit_quantized(layer, q)
-        report["loss"] = report["loss_rtn"] = block_error(layer, f)
+        report["loss"] = report["loss_rtn"] = block_error(layer, f, channel_weight)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return LayerResult(index, q, vit_state(layer), report)
     timings: dict[str, float] = {}
     for g in VIT_GROUPS:
         t = time.perf_counter()
-        s, rep = _search_scales(layer, g, f, mean_abs[g.linear], cfg, knobs)
+        s, rep = _search_scales(layer, g, f, mean_abs[g.linear], cfg, knobs, channel_weight)
         fold(layer, g, s)
         f.rescale(g.linear, s)
         report["groups"][g.name] = rep
@@ -308,12 +323,12 @@ def quantize_vit_layer(
     _round_params_fp16(layer)
     q = {n: _quantize_clipped(_weight(layer, n), *(clips.get(n) or (None, None)), cfg) for n in VIT_LINEARS}
     apply_vit_quantized(layer, q)
-    loss = block_error(layer, f)
+    loss = block_error(layer, f, channel_weight)
     rtn = original
     q_rtn = rtn_vit_layer(rtn, cfg)
     _round_params_fp16(rtn)
     apply_vit_quantized(rtn, q_rtn)
-    loss_rtn = block_error(rtn, f)
+    loss_rtn = block_error(rtn, f, channel_weight)
     report.update(loss=loss, loss_rtn=loss_rtn, fallback=loss >= loss_rtn)
     if loss >= loss_rtn:  # the search lost to plain rounding on this layer: keep plain rounding
         layer.load_state_dict(rtn.state_dict())
@@ -322,6 +337,19 @@ def quantize_vit_layer(
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return LayerResult(index, q, vit_state(layer), report)
+
+
+@torch.no_grad()
+def embedding_channel_weights(mlp1: nn.Module, hidden: int) -> torch.Tensor:
+    """(hidden,) first-order cost of an error in each channel of the tower's last hidden state to the image
+    embeddings: pixel shuffle puts ViT channel c at the projector inputs k * hidden + c (k = the 4 merged
+    neighbours), where mlp1's LayerNorm scales it by gamma and its first Linear spreads it with column
+    norm |W[:, j]|, so an error e_c costs about e_c^2 * mean_k (gamma_j |W[:, j]|)^2 (up to the common
+    LayerNorm scale). The residual carries an error of any layer to the last hidden state nearly
+    unchanged when the blocks' updates are small against it (on the replica each adds 0.4-0.7 %)."""
+    gamma, w = mlp1[0].weight.float(), mlp1[1].weight.float()
+    s = (gamma * w.norm(dim=0)).pow(2)
+    return s.reshape(-1, hidden).mean(0).clamp(min=1e-12)
 
 
 def vllm_skips(prefix: str, modules_to_not_convert: Sequence[str]) -> bool:
