@@ -32,7 +32,7 @@ from r1v_quant.awq import AWQConfig
 from r1v_quant.calibration.pipeline import prepare
 from r1v_quant.evalset import window_logits
 from r1v_quant.exporters.awq_export import AWQOptions, quantize_awq
-from r1v_quant.exporters.awq_vision import embedding_agreement, search_vision
+from r1v_quant.exporters.awq_vision import embedding_agreement, search_vision, vision_config
 from r1v_quant.model import R1VModel
 
 
@@ -48,16 +48,18 @@ def with_tower(ref: R1VModel, layers: dict[int, dict[str, torch.Tensor]]) -> R1V
     return m
 
 
-def searched_tower(model_dir: Path, tmp: Path, bits: int, method: str, opts: AWQOptions) -> tuple[dict, dict]:
+def searched_tower(
+    model_dir: Path, tmp: Path, bits: int, method: str, opts: AWQOptions, cfg: AWQConfig | None = None
+) -> tuple[dict, dict]:
     prep = prepare(model_dir, opts.calib, opts.samples, opts.seq_len, seed=opts.seed, progress=False)
     layers: dict[int, dict[str, torch.Tensor]] = {}
     report = search_vision(
         prep,
         None,
-        AWQConfig(group_size=opts.group_size, bits=bits),
+        cfg or vision_config(opts.group_size, bits),
         method,
         torch.device("cpu"),
-        tmp / f"work-{bits}-{method}",
+        tmp / f"work-{bits}-{method}-{len(list(tmp.glob('work-*')))}",
         progress=True,
         on_layer=lambda i, m: layers.__setitem__(i, {k: v.clone() for k, v in m.state_dict().items()}),
     )
@@ -86,6 +88,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--eval", type=int, default=32, help="held-out windows per kind")
     ap.add_argument("--no-mmproj", action="store_true", help="skip the llama.cpp mmproj rows")
+    ap.add_argument(
+        "--ablation",
+        action="store_true",
+        help="only the int4 towers: plain rounding, scales + clipping, scales only, clipping only",
+    )
     args = ap.parse_args()
     rows: dict[str, dict] = {}
     searches: dict[str, dict] = {}
@@ -118,6 +125,26 @@ def main() -> None:
             )
 
         score("16-bit tower (fp16)", with_tower(ref, {}))
+        if args.ablation:
+            variants = {
+                "int4 rtn": ("rtn", None),
+                "int4 awq, scales + clipping": ("awq", AWQConfig(group_size=opts.group_size)),
+                "int4 awq, scales only (default)": ("awq", vision_config(opts.group_size)),
+                "int4 awq, clipping only": ("awq", AWQConfig(group_size=opts.group_size, scaling=())),
+            }
+            for name, (method, cfg) in variants.items():
+                t = time.perf_counter()
+                layers, rep = searched_tower(model_dir, tmp, 4, method, opts, cfg)
+                searches[name] = {k: v for k, v in rep.items() if k != "layers"}
+                score(f"tower {name}, LLM 16-bit", with_tower(ref, layers), time.perf_counter() - t)
+            path = write_result(
+                "awq_vision_ablation",
+                {"model": str(args.model) if args.model else "tiny replica (built by the bench)",
+                 "samples": args.samples, "seq_len": args.seq_len, "eval_windows_per_kind": args.eval,
+                 "rows": rows, "tower_searches": searches},
+            )  # fmt: skip
+            print(f"wrote {path}")
+            return
         for bits in (8, 4):
             for method in ("rtn", "awq"):
                 t = time.perf_counter()

@@ -48,6 +48,7 @@ from r1v_quant.exporters.awq_vision import (
     modules_to_not_convert,
     packed_vision_layers,
     search_vision,
+    vision_config,
     vision_depth,
     vision_tensor_names,
 )
@@ -292,7 +293,7 @@ def _search_and_assemble(
     t_sens = time.perf_counter()
     vision = None
     if opts.vision == "int4":
-        vcfg = AWQConfig(group_size=opts.group_size)
+        vcfg = vision_config(opts.group_size)
         try:
             vision = search_vision(prep, plan.budget, vcfg, opts.method, device, work, progress=progress)
         except BaseException:
