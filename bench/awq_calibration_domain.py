@@ -61,7 +61,8 @@ def main() -> None:
             klds = kld_by_kind(ref, window_logits(R1VModel.from_checkpoint(out), windows), windows)
             return {k: klds[k]["kld_mean"] for k in KINDS}
 
-        base = AWQOptions(samples=args.samples, seq_len=args.seq_len)
+        # the language model alone: the tower is bench/awq_vision.py's subject (and plain text has no tiles)
+        base = AWQOptions(samples=args.samples, seq_len=args.seq_len, vision="16bit")
         quantize_awq(model_dir, tmp / "rtn", replace(base, method="rtn"), progress=False)
         rtn = score(tmp / "rtn")
         rows: dict[str, list[dict[str, float]]] = {}

@@ -19,6 +19,13 @@ gptqmodel 7.6.0 pins numpy==2.2.6, so it lives in its own virtual environment:
     python bench/awq_independent_load.py --python /tmp/venv-gptq/bin/python [--awq DIR]
 
 Without --awq the tiny replica is built and quantized first (a minute or two on 2 cores).
+
+The vision tower (`awq --vision int4`): transformers cannot build InternViT without remote code either, so
+`--autoawq DIR` (a folder holding AutoAWQ's `awq` package, e.g. `pip install --no-deps --target DIR
+autoawq==0.2.9`) reads every packed ViT linear with AutoAWQ's own unpacker (`awq/utils/packing_utils.py`,
+loaded by path: the package's __init__ imports model code this transformers may not support), dequantizes
+it with the AutoAWQ formula (q - z) * s, and runs the tower + mlp1 with those weights against r1v-quant's
+loader on held-out pictures. Either check alone: pass only --python or only --autoawq.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ def make_awq(work: Path) -> Path:
     tiny = work / "r1v-tiny"
     build_tiny(tiny, TinyOptions())
     out = work / "r1v-tiny-awq"
-    quantize_awq(tiny, out, AWQOptions(group_size=64, samples=4, seq_len=512), progress=True)
+    quantize_awq(tiny, out, AWQOptions(group_size=64, samples=4, seq_len=512, vision="int4"), progress=True)
     return out
 
 
@@ -82,11 +89,82 @@ def transformers_view(awq: Path, view: Path) -> dict:
     return llm["quantization_config"]
 
 
+def vision_check(awq: Path, autoawq_dir: Path) -> dict:
+    """Every packed ViT linear read by AutoAWQ's unpacker; the tower's image embeddings with those weights
+    against r1v-quant's loader (held-out pictures of the replica's evaluation set)."""
+    import importlib.util
+
+    from r1v_quant.data.evalset import heldout_windows
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.reference import R1VModel
+
+    spec_ = importlib.util.spec_from_file_location("awq_packing", autoawq_dir / "awq/utils/packing_utils.py")
+    if spec_ is None or spec_.loader is None:
+        sys.exit(f"no awq/utils/packing_utils.py under {autoawq_dir}")
+    pu = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(pu)
+    ckpt = open_checkpoint(awq)
+    ours = R1VModel.from_checkpoint(ckpt)
+    theirs = R1VModel.from_checkpoint(ckpt)
+    linears = 0
+    with torch.no_grad():
+        for name in ckpt.names():
+            if not (name.startswith("vision_model.") and name.endswith(".qweight")):
+                continue
+            base = name[: -len(".qweight")]
+            qw, qz, sc = ckpt.get(name), ckpt.get(f"{base}.qzeros"), ckpt.get(f"{base}.scales")
+            iw, iz = pu.reverse_awq_order(*pu.unpack_awq(qw, qz, 4), 4)
+            iw, iz = (iw & 0xF).float(), (iz & 0xF).float()
+            g = qw.shape[0] // sc.shape[0]
+            w = (iw - iz.repeat_interleave(g, 0)) * sc.float().repeat_interleave(g, 0)  # [in, out]
+            theirs.get_submodule(base).weight.copy_(w.T)
+            linears += 1
+    if not linears:
+        sys.exit(f"{awq}: no packed vision linears (made with --vision 16bit?)")
+    windows = [w for w in heldout_windows(awq, ckpt.spec, 0, 8) if w.pixel_values is not None]
+    with torch.no_grad():
+        a = torch.cat([ours.image_embeds(w.pixel_values) for w in windows])
+        b = torch.cat([theirs.image_embeds(w.pixel_values) for w in windows])
+    cos = torch.nn.functional.cosine_similarity(
+        a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
+    )
+    return {
+        "vision_linears_read_by_autoawq": linears,
+        "tokens": int(cos.numel()),
+        "max_abs_diff": float((a - b).abs().max()),
+        "max_abs_embedding": float(a.abs().max()),
+        "min_cosine": float(cos.min()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--python", required=True, help="python of a venv with transformers + gptqmodel 7.6.0")
+    ap.add_argument("--python", help="python of a venv with transformers + gptqmodel 7.6.0 (the LLM check)")
+    ap.add_argument("--autoawq", type=Path, help="folder holding AutoAWQ's awq package (the vision check)")
     ap.add_argument("--awq", type=Path, help="an r1v-quant AWQ output (default: quantize the tiny replica)")
     args = ap.parse_args()
+    if not (args.python or args.autoawq):
+        ap.error("pass --python (language model via gptqmodel) and/or --autoawq (vision tower)")
+    if args.autoawq:
+        with tempfile.TemporaryDirectory(prefix="r1v-awq-load-") as tmp:
+            awq = args.awq or make_awq(Path(tmp))
+            vis = vision_check(awq, args.autoawq)
+        print(json.dumps(vis, indent=2))
+        from results_io import write_result
+
+        vis["awq"] = str(args.awq or "tiny replica (quantized here, --vision int4)")
+        vis["autoawq_packing_utils"] = (
+            "AutoAWQ 0.2.9 awq/utils/packing_utils.py (unpack_awq, reverse_awq_order)"
+        )
+        print(f"wrote {write_result('awq_independent_vision', vis)}")
+        print(
+            f"AutoAWQ's unpacker read {vis['vision_linears_read_by_autoawq']} vision linears: image "
+            f"embeddings "
+            f"max |diff| {vis['max_abs_diff']:.3g} (max |x| {vis['max_abs_embedding']:.3g}), min cosine "
+            f"{vis['min_cosine']:.8f} over {vis['tokens']} tokens vs r1v-quant's loader"
+        )
+        if not args.python:
+            return
 
     from r1v_quant.model.checkpoint import open_checkpoint
     from r1v_quant.model.reference import R1VModel

@@ -177,7 +177,8 @@ def main() -> None:
         tmp = Path(d)
         model_dir = model_or_tiny(args.model, tmp)
         ref, windows, ref_logits = reference(model_dir, args.eval)
-        base = AWQOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seeds[0])
+        # the language model alone, as AutoAWQ sees it (the tower is bench/awq_vision.py's subject)
+        base = AWQOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seeds[0], vision="16bit")
         variants = {"rtn": replace(base, method="rtn")}
         for seed in args.seeds:
             for mode in modes:

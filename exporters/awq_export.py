@@ -28,6 +28,18 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from r1v_quant import __version__
+from r1v_quant.exporters.awq_vision import (
+    INT8_REFUSAL,
+    VISION_MODES,
+    VISION_WORK,
+    check_vision_option,
+    modules_to_not_convert,
+    packed_vision_layers,
+    search_vision,
+    vision_config,
+    vision_depth,
+    vision_tensor_names,
+)
 from r1v_quant.exporters.model_card import CARD_NAME, awq_card, write_card
 from r1v_quant.model.awq_layout import pack_awq, unpack_awq
 from r1v_quant.model.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
@@ -47,7 +59,8 @@ from r1v_quant.util.errors import R1VError
 from r1v_quant.util.outputs import claim_output
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
-MODULES_TO_NOT_CONVERT = ["vision_model", "mlp1", "lm_head"]
+VISION_COSINE_NOTE = 0.99  # an int4 tower below this mean embedding cosine gets a note (docs/awq.md)
+MODULES_TO_NOT_CONVERT = modules_to_not_convert("16bit")  # the 16-bit tower's list; int4: awq_vision.py
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class AWQOptions:
     propagate: str = "fp"  # fp: next layer sees 16-bit outputs | quant: the quantized layer's outputs
     device: str = "auto"
     max_memory: str | None = "auto"  # auto | a size | none (calibration/store.py parse_max_memory)
+    vision: str = "16bit"  # | int4: the ViT linears searched and packed too (exporters/awq_vision.py)
 
     def fingerprint(self, model_dir: Path) -> str:
         # everything that changes the result; --resume refuses to continue a run made with other settings
@@ -71,9 +85,9 @@ class AWQOptions:
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def quantization_config(group_size: int) -> dict[str, Any]:
+def quantization_config(group_size: int, vision: str = "16bit") -> dict[str, Any]:
     return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
-            "modules_to_not_convert": list(MODULES_TO_NOT_CONVERT)}  # fmt: skip
+            "modules_to_not_convert": modules_to_not_convert(vision)}  # fmt: skip
 
 
 def _layer_tensors(res: LayerResult) -> dict[str, torch.Tensor]:
@@ -158,6 +172,10 @@ def quantize_awq(
         raise R1VError(f"unknown --propagate {opts.propagate!r}: expected fp or quant")
     if opts.group_size <= 0:
         raise R1VError(f"--group-size must be a positive multiple of 8, not {opts.group_size}")
+    if opts.vision == "int8":
+        raise R1VError(INT8_REFUSAL)
+    if opts.vision not in VISION_MODES:
+        raise R1VError(f"unknown --vision {opts.vision!r}: expected int4 or 16bit")
     with claim_output(out):
         return _quantize_awq(model_dir, out, opts, resume=resume, progress=progress, on_layer=on_layer)
 
@@ -210,6 +228,12 @@ def _quantize_awq(
         progress=progress,
     )
     check_group_size(prep.ckpt.spec, opts.group_size)
+    check_vision_option(prep.ckpt.spec, opts.vision, opts.group_size)
+    if opts.vision == "int4" and not any(r.image_keys for r in prep.rendered):
+        raise R1VError(
+            "--vision int4: the calibration set has no image samples to calibrate the tower on "
+            "(use a set with images, or --vision 16bit)"
+        )
     # memory, disk and time before anything heavy (or anything written): refuse what cannot finish
     plan = plan_job(
         "awq",
@@ -233,7 +257,8 @@ def _quantize_awq(
             prep, model_dir, out, work, opts, cfg, device, plan, t0, progress=progress, on_layer=on_layer
         )
     except BaseException:
-        if not any((work / "layers").glob("*.safetensors")):
+        finished = [*(work / "layers").glob("*.safetensors"), *(work / VISION_WORK).glob("*.safetensors")]
+        if not finished:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
         raise
 
@@ -267,6 +292,23 @@ def _search_and_assemble(
         else None
     )
     t_sens = time.perf_counter()
+    vision = None
+    if opts.vision == "int4":
+        vcfg = vision_config(opts.group_size)
+        try:
+            vision = search_vision(prep, plan.budget, vcfg, opts.method, device, work, progress=progress)
+        except BaseException:
+            store.close()
+            raise
+        cos = vision["embedding_cosine"]["searched"]["mean"]
+        if cos < VISION_COSINE_NOTE:  # the replica cannot tell how much a real tower loses: say it here
+            print(
+                f"note: the int4 vision tower's image embeddings reach a mean per-token cosine of {cos:.4f} "
+                f"against the 16-bit tower on the calibration tiles (below {VISION_COSINE_NOTE}); consider "
+                "--vision 16bit",
+                file=sys.stderr,
+            )
+    t_vision = time.perf_counter()
     bar = tqdm(
         total=ckpt.spec.llm.num_layers, desc=f"{opts.method} search", unit="layer", disable=not progress
     )
@@ -334,9 +376,15 @@ def _search_and_assemble(
         opts,
         prep.set_hash,
         layer_reports,
-        timings={"prepare": t_prep - t0, "sensitivity": t_sens - t_prep, "search": t_search - t_sens},
+        timings={
+            "prepare": t_prep - t0,
+            "sensitivity": t_sens - t_prep,
+            "vision": t_vision - t_sens,
+            "search": t_search - t_vision,
+        },
         progress=progress,
         extra={
+            "vision": vision or {"mode": "16bit"},
             "plan": plan.to_json(),
             "memory": {
                 "max_memory_bytes": plan.budget,
@@ -385,18 +433,26 @@ def _assemble(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = ckpt.spec
+    depth = vision_depth(spec) if opts.vision == "int4" else 0
+    packed_vit = tuple(vision_tensor_names(depth))
     with atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=4 * 1024**3)
-        names = [n for n in ckpt.names() if not n.startswith(LLM_PREFIX + ".")]
+        names = [
+            n
+            for n in ckpt.names()
+            if not n.startswith(LLM_PREFIX + ".") and not (packed_vit and n.startswith(packed_vit))
+        ]
         for n in tqdm(names, desc="16-bit tensors", unit="tensor", disable=not progress):
             writer.add(n, ckpt.get(n).to(torch.float16))
+        for n, t in packed_vision_layers(work, depth):
+            writer.add(n, t)
         for i in tqdm(range(spec.llm.num_layers), desc="packed layers", unit="layer", disable=not progress):
             _, tensors = _load_layer_result(work / "layers" / f"{i:05d}.safetensors", i)
             for k, v in tensors.items():
                 writer.add(f"{LLM_PREFIX}.{i}.{k}", v)
         writer.close()
         cfg = json.loads((model_dir / "config.json").read_text())
-        qc = quantization_config(opts.group_size)
+        qc = quantization_config(opts.group_size, opts.vision)
         cfg["quantization_config"] = qc  # vLLM auto-detects only the top level
         cfg["llm_config"]["quantization_config"] = qc  # LMDeploy / older loaders look here
         for c in (cfg, cfg["llm_config"], cfg["vision_config"]):

@@ -19,7 +19,8 @@ tiles.
 
 Quantization fallback: a 2-D weight whose row length the block size does not divide is written in F16 with
 a warning (llama.cpp's converter does the same); with `strict=True` it raises R1VError instead. For the
-real InternViT-6B (3200, 12800, 5120) Q8_0's 32-blocks divide every row, so no fallback happens there.
+real InternViT-6B (3200, 12800, 5120) the 32-blocks of Q8_0 / Q4_0 divide every row, so no fallback happens
+there. Q4_0 is the lowest type offered: libmtmd loads and runs it (measured in bench/awq_vision.py).
 
 Memory: tensor infos are declared from the checkpoint header first, then each tensor is read, converted and
 appended (the fused qkv is read once for its three parts); the file appears under its name when complete.
@@ -155,7 +156,7 @@ def add_mmproj_metadata(writer: Any, spec: ModelSpec, mmproj_type: str) -> None:
     gguf = import_gguf()
     v = spec.vision
     writer.add_file_type(gguf.LlamaFileType[MMPROJ_TYPES[mmproj_type]])
-    if mmproj_type == "Q8_0":
+    if mmproj_type in ("Q8_0", "Q4_0"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type(gguf.VisionProjectorType.INTERNVL)
@@ -267,7 +268,7 @@ def export_mmproj_gguf(
 ) -> dict[str, Any]:
     """Export the vision tower + mlp1 of the checkpoint at `model_dir` as an mmproj GGUF at `out_path`.
 
-    `mmproj_type`: F16 | F32 | Q8_0 (2-D weights; see the module docstring for the fixed-type tensors).
+    `mmproj_type`: F16 | F32 | Q8_0 | Q4_0 (2-D weights; see the module docstring for the fixed-type tensors).
     `position_fix`: auto | shift | none (module docstring). `strict`: raise instead of falling back to F16
     for rows a Q8_0 block does not divide. Returns a report: path, type, position_fix, tensors, bytes,
     f16_fallback, probe (auto only), seconds. `staging`: write into that private folder instead and leave

@@ -459,17 +459,23 @@ def awq_card(report: dict[str, Any], source: Path, folder: Path, out_name: str |
     """Card for an AWQ checkpoint directory (`folder` may still be its temporary name)."""
     o, qc = report["options"], report["quantization_config"]
     keep = ("calib", "samples", "seq_len", "text_ratio", "seed", "group_size", "modality_weights", "method",
-            "propagate")  # fmt: skip
+            "propagate", "vision")  # fmt: skip
     out_name = out_name or folder.name
     cmd = command_line("awq", source, {"out": out_name, **{k: o[k] for k in keep if k in o}})
     layers = report.get("layers", [])
     rtn = report.get("loss_rtn_sum") or 0.0
+    vis = report.get("vision") or {}
+    cos = (vis.get("embedding_cosine") or {}).get("searched") or {}
     return Card(
         kind="awq",
         source=source,
         folder=out_name,
-        summary=f"AWQ int4 (group size {qc['group_size']}, AutoAWQ GEMM layout) of the language model; "
-        "vision tower, `mlp1`, embeddings and `lm_head` kept 16-bit",
+        summary=f"AWQ int4 (group size {qc['group_size']}, AutoAWQ GEMM layout) of the language model"
+        + (
+            " and the vision tower; `mlp1`, embeddings and `lm_head` kept 16-bit"
+            if vis.get("mode") == "int4"
+            else "; vision tower, `mlp1`, embeddings and `lm_head` kept 16-bit"
+        ),
         commands=[cmd],
         details={
             "quantization": f"{qc['quant_method']} {qc['version']}, {qc['bits']}-bit, zero point "
@@ -479,6 +485,10 @@ def awq_card(report: dict[str, Any], source: Path, folder: Path, out_name: str |
             "loss weights by modality": o.get("modality_weights"),
             "calibration": f"{o.get('calib')}: {o.get('samples')} samples × up to {o.get('seq_len')} tokens",
             "layers": len(layers),
+            "vision tower": f"int4, {vis['quantized_layers']} layers; image-embedding cosine vs 16-bit "
+            f"{cos.get('mean')} (min {cos.get('min')}) on {vis.get('score_tiles')} calibration tiles"
+            if vis.get("mode") == "int4"
+            else "16-bit",
             "block-output loss vs round-to-nearest": f"{report['loss_sum'] / rtn:.3f}×" if rtn > 0 else None,
             "plain-rounding fallback layers": ", ".join(map(str, report.get("fallback_layers", [])))
             or "none",

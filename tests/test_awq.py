@@ -39,7 +39,7 @@ from r1v_quant.quant.awq_search import (
 )
 from r1v_quant.util.errors import R1VError
 
-OPTS = AWQOptions(samples=4, seq_len=512)
+OPTS = AWQOptions(samples=4, seq_len=512, vision="16bit")  # the tower: tests/test_awq_vision.py
 
 
 def test_folding_keeps_16bit_output(tiny_dir: Path) -> None:

@@ -47,7 +47,7 @@ def gguf_output_path(model: Path, out_dir: Path, gguf_type: str) -> Path:
 @click.option("--flavor", type=click.Choice(["r1v", "r1v2", "r1v3"]), default=None)
 @click.option(
     "--mmproj-type",
-    type=click.Choice(["F16", "F32", "Q8_0", "none"], case_sensitive=False),
+    type=click.Choice(["F16", "F32", "Q8_0", "Q4_0", "none"], case_sensitive=False),
     default="F16",
     show_default=True,
     help="Type of the vision tower + mlp1 mmproj GGUF ('none': language model only).",

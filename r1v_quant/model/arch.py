@@ -57,8 +57,17 @@ LLM_GGUF_LAYER: dict[str, str] = {
     "mlp.down_proj": "FFN_DOWN",
 }
 
-# InternViT layer: the fused qkv is split into three GGUF tensors; everything else maps one to one
-VISION_LINEARS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# InternViT layer (`awq --vision`): three foldable inputs; fc2 reads GELU(fc1(x)), which no scale passes
+# through, so it is clipped only. `prev` "attn.qkv:v" = the v rows of the fused qkv; `module` names the
+# output the search scores (attn | proj | mlp).
+VISION_GROUPS: tuple[InputGroup, ...] = (
+    InputGroup("qkv", ("attn.qkv",), "norm1", "norm1_qkv", "attn"),
+    InputGroup("proj", ("attn.proj",), "attn.qkv:v", "v_proj", "proj"),
+    InputGroup("fc1", ("mlp.fc1",), "norm2", "norm2_fc1", "mlp"),
+    InputGroup("fc2", ("mlp.fc2",), "", "", "mlp"),
+)
+VISION_LINEARS: tuple[str, ...] = tuple(lin for g in VISION_GROUPS for lin in g.linears)
+# InternViT tensors in the mmproj: the fused qkv is split into three GGUF tensors; the rest maps one to one
 VISION_QKV_PARTS: tuple[str, ...] = ("attn_q", "attn_k", "attn_v")
 VISION_GGUF_LAYER: dict[str, str] = {  # checkpoint suffix -> GGUF suffix under v.blk.N
     "attn.q_norm.weight": "attn_q_norm.weight",

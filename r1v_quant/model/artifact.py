@@ -196,10 +196,8 @@ def _checkpoint_artifact(path: Path, name: str | None, *, require_weights: bool,
         stored[component_of(tensor)] += info.nbytes
         if component_of(tensor) == "vision":
             dtypes.add(info.dtype)
-    float_dtypes = dtypes - {"I32"}
-    vision_dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(
-        next(iter(float_dtypes), "BF16"), "bf16"
-    )
+    floats = sorted(dtypes - {"I32"})  # I32: packed AWQ linears (awq --vision int4)
+    vision_dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(next(iter(floats), "BF16"), "bf16")
     q = spec.quantization if spec.is_quantized else None
     if q is not None:
         kind, fmt = "awq", f"awq-int{q.get('bits', 4)}-g{q.get('group_size', 128)}"

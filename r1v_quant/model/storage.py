@@ -94,8 +94,9 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("IQ4_XS", "IQ4_XS", "llama.cpp", "MOSTLY_IQ4_XS", 256),
     )
 }
-# the mmproj: llama.cpp's CLIP loader reads these for the vision tower and projector
-MMPROJ_FILE_TYPES: tuple[str, ...] = ("F32", "F16", "Q8_0")
+# the mmproj: llama.cpp's CLIP loader reads these for the vision tower and projector (Q4_0: the lowest
+# type measured through libmtmd, bench/awq_vision.py)
+MMPROJ_FILE_TYPES: tuple[str, ...] = ("F32", "F16", "Q8_0", "Q4_0")
 # weight types llama.cpp's CPU backend repacks into interleaved layouts on x86-64 with AVX2 / AVX-512
 # (its CPU_REPACK buffer; the embedding table is read by row and stays as stored)
 REPACKED_BLOCK_TYPES: tuple[str, ...] = ("Q4_0", "Q4_K", "IQ4_NL")
