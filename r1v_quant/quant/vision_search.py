@@ -15,10 +15,12 @@ multiplies the linear's input columns; exact at 16-bit):
   - norm2 -> mlp.fc1, scored on mlp(norm2(h)) * ls2.
 mlp.fc2 gets no scale: GELU sits between fc1 and fc2 and gelu(x / s) != gelu(x) / s, so a scale folded
 into fc1's rows would change the 16-bit function (AutoAWQ inserts a ScaledActivation module for such
-blocks; vLLM's InternViT has no such module, so the checkpoint could not carry it). fc2 gets the clipping
-search only. Then per-group clipping for every linear except the q / k rows of qkv (clipping them would
-distort the attention logits, as AutoAWQ skips q / k), scored through Gram matrices as in awq.py; and the
-whole layer falls back to round-to-nearest when its block-output error is not lower.
+blocks; vLLM's InternViT has no such module, so the checkpoint could not carry it): fc2 is plainly
+rounded. With cfg.apply_clip, per-group clipping for every linear except the q / k rows of qkv (clipping
+them would distort the attention logits, as AutoAWQ skips q / k), scored through Gram matrices as in
+awq.py; `awq --vision int4` runs without it (exporters/awq_vision.vision_config: measured to move the image
+embeddings away from 16-bit). The whole layer falls back to round-to-nearest when its block-output error
+is not lower.
 
 Every token of a tile counts once (no modality weights: all are vision tokens). The scale statistic
 mean |x| is over every calibration tile (the caller accumulates it with `VitInputStats`); the scores
