@@ -58,7 +58,7 @@ LLM_GGUF_LAYER: dict[str, str] = {
 }
 
 # InternViT layer (`awq --vision`): three foldable inputs; fc2 reads GELU(fc1(x)), which no scale passes
-# through, so it is clipped only. `prev` "attn.qkv:v" = the v rows of the fused qkv; `module` names the
+# through, so it gets no scale. `prev` "attn.qkv:v" = the v rows of the fused qkv; `module` names the
 # output the search scores (attn | proj | mlp).
 VISION_GROUPS: tuple[InputGroup, ...] = (
     InputGroup("qkv", ("attn.qkv",), "norm1", "norm1_qkv", "attn"),
