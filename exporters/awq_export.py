@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from r1v_quant import __version__
+from r1v_quant.exporters.awq_layers import layer_tensors, load_layer_result, load_saved_layer
 from r1v_quant.exporters.awq_vision import (
     INT8_REFUSAL,
     VISION_MODES,
@@ -41,8 +41,8 @@ from r1v_quant.exporters.awq_vision import (
     vision_tensor_names,
 )
 from r1v_quant.exporters.model_card import CARD_NAME, awq_card, write_card
-from r1v_quant.model.awq_layout import pack_awq, unpack_awq
-from r1v_quant.model.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, read_header
+from r1v_quant.model.awq_layout import unpack_awq
+from r1v_quant.model.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter
 from r1v_quant.model.groupwise import check_group
 from r1v_quant.model.spec import LLM_PREFIX
 from r1v_quant.quant.awq_search import (
@@ -50,7 +50,6 @@ from r1v_quant.quant.awq_search import (
     LINEARS,
     AWQConfig,
     ChannelStats,
-    LayerResult,
     apply_quantized,
     quantize_layer,
 )
@@ -88,40 +87,6 @@ class AWQOptions:
 def quantization_config(group_size: int, vision: str = "16bit") -> dict[str, Any]:
     return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
             "modules_to_not_convert": modules_to_not_convert(vision)}  # fmt: skip
-
-
-def _layer_tensors(res: LayerResult) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, qw in res.quantized.items():
-        for k, v in pack_awq(qw).items():
-            out[f"{name}.{k}"] = v
-    out.update(res.state)
-    return out
-
-
-def _load_layer_result(path: Path, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tensors = load_file(str(path))
-    with open(path, "rb") as f:  # the layer's report rides in the safetensors metadata
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__", {})
-    return json.loads(meta.get("report", "{}")), tensors
-
-
-def _load_saved_layer(path: Path, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """A finished layer of an interrupted run, or None to compute it: absent, or damaged (then removed,
-    with a note: the file was written atomically, so damage came from outside the run)."""
-    if not path.exists():
-        return None
-    try:
-        read_header(path)  # the full safetensors check before the library reads it
-        report, tensors = _load_layer_result(path, index)
-        if not isinstance(report, dict) or "loss" not in report:
-            raise ValueError("no layer report in its metadata")
-        return report, tensors
-    except (R1VError, OSError, ValueError, SafetensorError) as e:
-        print(f"note: {path} is damaged ({e}); layer {index} is computed again", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        return None
 
 
 def check_group_size(spec: Any, group_size: int) -> None:
@@ -324,7 +289,7 @@ def _search_and_assemble(
             device=device,
         ):
             path = work / "layers" / f"{cap.index:05d}.safetensors"
-            saved = _load_saved_layer(path, cap.index)  # finished before an interruption
+            saved = load_saved_layer(path, cap.index)  # finished before an interruption
             if saved is not None:
                 report, tensors = saved
                 _fake_quant_from_tensors(cap.layer, tensors)
@@ -355,7 +320,7 @@ def _search_and_assemble(
                 res.state = {k: v.cpu() for k, v in res.state.items()}
                 report = res.report
                 with atomic_file(path) as tmp:
-                    save_file(_layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
+                    save_file(layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
                 del inputs, targets, res  # device copies of every sample: not beside the next layer
             layer_reports.append(report)
             if on_layer:
@@ -447,7 +412,7 @@ def _assemble(
         for n, t in packed_vision_layers(work, depth):
             writer.add(n, t)
         for i in tqdm(range(spec.llm.num_layers), desc="packed layers", unit="layer", disable=not progress):
-            _, tensors = _load_layer_result(work / "layers" / f"{i:05d}.safetensors", i)
+            _, tensors = load_layer_result(work / "layers" / f"{i:05d}.safetensors", i)
             for k, v in tensors.items():
                 writer.add(f"{LLM_PREFIX}.{i}.{k}", v)
         writer.close()

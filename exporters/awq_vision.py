@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from r1v_quant.exporters.awq_layers import layer_tensors, load_layer_result, load_saved_layer
 from r1v_quant.model.awq_layout import unpack_awq
 from r1v_quant.model.groupwise import check_group
 from r1v_quant.model.vision import Projector, VisionEmbeddings, VisionLayer, pixel_shuffle
@@ -171,7 +172,6 @@ def _search(
 ) -> dict[str, Any]:
     from r1v_quant.calibration.capture import _loaded
     from r1v_quant.calibration.store import ActivationList
-    from r1v_quant.exporters.awq_export import _layer_tensors, _load_saved_layer
 
     ckpt, spec = prep.ckpt, prep.ckpt.spec
     v = spec.vision
@@ -209,7 +209,7 @@ def _search(
             _round_params_fp16(plain)
             apply_vit_quantized(plain, q_rtn)
             path = work / VISION_WORK / f"{li:05d}.safetensors"
-            saved = _load_saved_layer(path, li) if cfg.bits == 4 else None
+            saved = load_saved_layer(path, li) if cfg.bits == 4 else None
             nxt = layer(ref)
             if saved is not None:
                 report, tensors = saved
@@ -222,7 +222,7 @@ def _search(
                 report = res.report
                 if cfg.bits == 4:
                     with atomic_file(path) as tmp:
-                        save_file(_layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
+                        save_file(layer_tensors(res), str(tmp), metadata={"report": json.dumps(report)})
             if on_layer:
                 on_layer(li, layer)
             quant, rtn, ref = layer(quant), plain(rtn), nxt
@@ -273,9 +273,8 @@ def vision_tensor_names(depth: int) -> set[str]:
 
 def packed_vision_layers(work: Path, depth: int):
     """(checkpoint name, tensor) of every saved ViT layer, in order, for the assembly."""
-    from r1v_quant.exporters.awq_export import _load_layer_result
 
     for i in range(depth):
-        _, tensors = _load_layer_result(work / VISION_WORK / f"{i:05d}.safetensors", i)
+        _, tensors = load_layer_result(work / VISION_WORK / f"{i:05d}.safetensors", i)
         for k, t in tensors.items():
             yield f"{VIT_LAYER_PREFIX}.{i}.{k}", t
