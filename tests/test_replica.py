@@ -60,6 +60,8 @@ def test_training_prompts_are_the_inference_prompts(tiny_rms_dir: Path) -> None:
 
 
 def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
+    from r1v_quant.tiny_train import GATE_SLACK
+
     report = json.loads((tiny_dir / "tiny_build.json").read_text())
     held = report["heldout"]
     assert held["image"] >= report["min_accuracy"] and held["text"] >= report["min_accuracy"]
@@ -69,6 +71,11 @@ def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
         and report["history"][-1]["step"] == report["steps_trained"]
     )
     assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability() or report["cpu_capability"]
+    # the last check measured greedily because its gate opened (or because it was the cap's)
+    last = report["history"][-1]
+    assert last["probes_named"] >= 24 - GATE_SLACK or last["step"] == report["steps"]
+    assert set(report["seconds_training"]) == {"text_steps", "image_steps", "ema", "gate", "greedy_checks"}
+    assert sum(report["seconds_training"].values()) <= report["seconds"]
 
 
 def test_a_build_that_misses_its_threshold_is_refused(tmp_path: Path) -> None:
