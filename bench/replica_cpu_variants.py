@@ -67,6 +67,7 @@ def _build(out: Path, cap: str, threads: int, seed: int) -> dict:
         "wall_s": round(wall, 1),
         "cpu_s": report.get("cpu_seconds"),
         "load_1min_before_after": load,
+        "omp_wait_policy": env.get("OMP_WAIT_POLICY"),  # how idle OpenMP threads wait: not the bits
         "seconds_training": report.get("seconds_training"),
         "weights_sha256": _weights_hash(out),
     }
