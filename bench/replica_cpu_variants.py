@@ -46,11 +46,15 @@ def _build(out: Path, cap: str, threads: int, seed: int) -> dict:
     env = {**os.environ, **ISA_ENV[cap], "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     exe = Path(sys.executable).with_name("r1v-quant")
     cmd = [str(exe), "tiny", str(out), "--seed", str(seed), "--json"]
-    t0 = time.perf_counter()
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
+    # other processes on the machine stretch the wall time: the 1-minute load before and after says how
+    # busy it was, the build's own CPU seconds (all its threads) are much less sensitive to it
+    load = [round(load0, 2), round(os.getloadavg()[0], 2)]
     if proc.returncode != 0:
-        return {"cap": cap, "threads": threads, "ok": False, "error": proc.stderr.strip().splitlines()[-1:]}
+        return {"cap": cap, "threads": threads, "ok": False, "error": proc.stderr.strip().splitlines()[-1:],
+                "wall_s": round(wall, 1), "load_1min_before_after": load}  # fmt: skip
     report = json.loads(proc.stdout)
     return {
         "cap": cap,
@@ -61,6 +65,10 @@ def _build(out: Path, cap: str, threads: int, seed: int) -> dict:
         "steps": report["steps_trained"],
         "heldout": report["heldout"],
         "wall_s": round(wall, 1),
+        "cpu_s": report.get("cpu_seconds"),
+        "load_1min_before_after": load,
+        "omp_wait_policy": env.get("OMP_WAIT_POLICY"),  # how idle OpenMP threads wait: not the bits
+        "seconds_training": report.get("seconds_training"),
         "weights_sha256": _weights_hash(out),
     }
 
@@ -127,9 +135,10 @@ def main() -> None:
         cap, threads = row["cap"], row["threads"]
         if row["ok"]:
             h = row["heldout"]
+            load = row["load_1min_before_after"]
             print(f"{cap:8s} {threads} thread(s): image {h['image']:.0%}  text {h['text']:.0%}  "
-                  f"steps {row['steps']}  {row['wall_s']:.0f} s  weights {row['weights_sha256']}",
-                  flush=True)  # fmt: skip
+                  f"steps {row['steps']} {row['wall_s']:.0f} s wall ({row['cpu_s']:.0f} CPU s, load {load}) "
+                  f"weights {row['weights_sha256']}", flush=True)  # fmt: skip
         else:
             print(f"{cap:8s} {threads} thread(s): FAILED {row['error']}", flush=True)
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny replica is built once per test session (about a minute on 2 cores).
+"""Shared fixtures: the tiny replica is built once per test session (a few minutes on 2 cores).
 
 Set R1V_TEST_CACHE=DIR to reuse replicas across sessions while developing: they are keyed by the source of
 every module that shapes them, so an edit there rebuilds. CI leaves it unset and builds fresh.
@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Read by the OpenMP runtime when torch loads (before any test imports it). By default its idle threads
+# spin; on 2 cores shared with other work a 2-thread training step then ran 10x slower (4.0 s vs 0.43 s
+# with PASSIVE, same gradient bytes): the threads wait for each other's time slices. Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Modules whose code decides the replica's bytes.

@@ -67,6 +67,8 @@ def test_training_prompts_are_the_inference_prompts(tiny_rms_dir: Path) -> None:
 
 
 def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
+    from r1v_quant.replica.train import GATE_SLACK
+
     report = json.loads((tiny_dir / "tiny_build.json").read_text())
     held = report["heldout"]
     assert held["image"] >= report["min_accuracy"] and held["text"] >= report["min_accuracy"]
@@ -76,6 +78,11 @@ def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
         and report["history"][-1]["step"] == report["steps_trained"]
     )
     assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability() or report["cpu_capability"]
+    # the last check measured greedily because its gate opened (or because it was the cap's)
+    last = report["history"][-1]
+    assert last["probes_named"] >= 24 - GATE_SLACK or last["step"] == report["steps"]
+    assert set(report["seconds_training"]) == {"text_steps", "image_steps", "ema", "gate", "greedy_checks"}
+    assert sum(report["seconds_training"].values()) <= report["seconds"]
 
 
 def test_a_build_that_misses_its_threshold_is_refused(tmp_path: Path) -> None:
@@ -102,3 +109,36 @@ def test_replica_answers_with_margin_on_unseen_pictures(tiny_dir: Path) -> None:
         out = model.generate(ids, pixels, max_new_tokens=48, stop_ids=tok.stop_ids(ckpt.spec.flavor))
         right += f"\\boxed{{{p.answer}}}" in tok.decode(out.tokens)
     assert right >= 21
+
+
+def test_shared_prefix_training_pass_equals_one_padded_pass(tiny_rms_dir: Path) -> None:
+    """Training runs each picture's prompt prefix once and continues every question from its keys and
+    values; the logits at the scored positions are those of a plain padded pass over whole sequences."""
+    from r1v_quant.data.synthdata import scene_problems, scenes
+    from r1v_quant.model.checkpoint import open_checkpoint
+    from r1v_quant.model.reference import R1VModel
+    from r1v_quant.model.vision import extract_feature
+    from r1v_quant.replica.train import Encoder, _forward, _pixels, shared_prefix
+
+    ckpt = open_checkpoint(tiny_rms_dir)
+    model = R1VModel.from_checkpoint(ckpt).float().eval()
+    enc = Encoder(tiny_rms_dir, ckpt.spec.flavor, ckpt.spec.num_image_token)
+    pics, seqs = scenes(3, 4), []
+    for i, sc in enumerate(pics):
+        seqs += [enc.encode(p.question, p.response(), i) for p in scene_problems(sc, i)]
+    assert len(seqs) > len(pics) and 0 < shared_prefix(seqs) < min(s.loss_from for s in seqs)
+    pixels = _pixels(pics)
+    with torch.no_grad():
+        logits, target, _ = _forward(model, seqs, pixels, enc.pad)
+        lm, n = model.language_model, max(len(s.ids) for s in seqs)
+        feats = extract_feature(model.vision_model, model.mlp1, ckpt.spec, pixels)
+        want, want_t = [], []
+        for s in seqs:
+            ids = torch.tensor([s.ids + [enc.pad] * (n - len(s.ids))])
+            emb = lm.model.embed_tokens(ids)
+            emb = emb.masked_scatter((ids == ckpt.spec.tokens.img_context)[..., None], feats[s.image])
+            full = lm.logits(lm.forward_embeds(emb))[0]
+            want.append(full[s.loss_from - 1 : len(s.ids) - 1])
+            want_t += s.ids[s.loss_from :]
+    assert target.tolist() == want_t
+    torch.testing.assert_close(logits, torch.cat(want), atol=1e-4, rtol=1e-4)

@@ -248,7 +248,7 @@ def build_tiny(
         raise R1VError(f"unknown flavour {opts.flavor!r}: expected one of {', '.join(FLAVORS)}")
     if opts.vit not in VIT_VARIANTS:
         raise R1VError(f"unknown --vit {opts.vit!r}: expected rms or layernorm")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(opts.seed)
     with atomic_dir(out) as tmp:
         build_tiny_tokenizer(tmp, opts.flavor, _corpus(opts.seed), vocab_size=opts.vocab_size)
@@ -321,6 +321,8 @@ def build_tiny(
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(time.process_time() - cpu0, 1),  # all threads: less sensitive to other load
+            "seconds_training": result.seconds if result else {},
         }
         (tmp / "tiny_build.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
