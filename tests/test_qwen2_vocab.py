@@ -316,7 +316,8 @@ def test_padded_vocab_rows_are_unused_pads(exported: dict[str, tuple[Path, Path]
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_real_vocab_replica_through_the_pipeline(tmp_path: Path, flavor: str) -> None:
     """tiny --vocab qwen2 -> calibrate -> awq -> gguf (Q4_K_M + imatrix, mmproj) -> chat on llama.cpp and on
-    the AWQ checkpoint, with llama.cpp's prompt ids equal to the reference's for an image question."""
+    the AWQ checkpoint, with llama.cpp's prompt ids equal to the reference's for an image question (the
+    other flavours: gguf -> chat on llama.cpp and on the 16-bit checkpoint)."""
     pytest.importorskip("gguf")
     from click.testing import CliRunner
     from PIL import Image
@@ -336,10 +337,16 @@ def test_real_vocab_replica_through_the_pipeline(tmp_path: Path, flavor: str) ->
     Image.new("RGB", (600, 448), (20, 40, 220)).save(image)  # several tiles + thumbnail
     run("tiny", str(model), "--flavor", flavor, "--vocab", "qwen2", "--steps", "0", "--json")
     assert len(R1VTokenizer.from_dir(model)) == EXPECTED[flavor]["len"]
-    small = ("--samples", "4", "--seq-len", "512", "--json")
-    run("calibrate", str(model), "--set", "default", "--out", str(cal), *small)
-    run("awq", str(model), "--out", str(awq), *small)
-    run("gguf", str(model), "--out", str(out), "--type", "Q4_K_M", "--calib", str(cal), "--json")
+    # the whole pipeline for one flavour; the others differ only in added tokens and templates, which the
+    # GGUF + llama.cpp prompt below checks (calibration and AWQ at 151k are flavour-blind)
+    full = flavor == FLAVORS[0]
+    if full:
+        small = ("--samples", "4", "--seq-len", "512", "--json")
+        run("calibrate", str(model), "--set", "default", "--out", str(cal), *small)
+        run("awq", str(model), "--out", str(awq), *small)
+        run("gguf", str(model), "--out", str(out), "--type", "Q4_K_M", "--calib", str(cal), "--json")
+    else:
+        run("gguf", str(model), "--out", str(out), "--type", "Q4_K_M", "--json")
 
     question = "What colour is this? 颜色 🙂 </s> $x^2$"
     spec = load_spec(model)
@@ -349,6 +356,6 @@ def test_real_vocab_replica_through_the_pipeline(tmp_path: Path, flavor: str) ->
         ids, embeds = rt.prompt([{"role": "user", "content": question}], [image])
     assert ids == want[0].tolist()
     assert embeds is not None and len(embeds) == ids.count(spec.tokens.img_context) > 256
-    for args in (("--gguf", str(out)), ("--model", str(awq))):
+    for args in (("--gguf", str(out)), ("--model", str(awq if full else model))):
         reply = run("chat", *args, "--image", str(image), "-p", question, "--max-new-tokens", "3", "--json")
         assert json.loads(reply)["prompt_tokens"] == len(want[0])
