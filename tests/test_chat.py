@@ -467,13 +467,21 @@ def test_terminal_ctrl_d_and_ctrl_c_during_one_shot(exported: Path, images: dict
     rc, out = term.wait()
     assert rc == 0 and "Traceback" not in out
 
-    # a Ctrl-C while the answer streams stops it: exit code 130, no traceback
-    term = Terminal("chat", "--gguf", str(exported), "--threads", "1", "-p", "What is 12 + 30?")
-    term.read_until("\x1b[2m")  # the first streamed piece
-    os.kill(term.pid, signal.SIGINT)
-    rc, out = term.wait()
-    assert rc == 130 and "interrupted" in out and "Traceback" not in out
-    assert "\\boxed" not in out  # the answer never came
+    # a Ctrl-C while the answer streams stops it: exit code 130, no traceback. The replica's answer is short,
+    # so on a busy machine it can finish before the signal lands: then it must have finished cleanly, and
+    # the scenario is tried again (what is asserted never depends on the timing)
+    for _ in range(5):
+        term = Terminal("chat", "--gguf", str(exported), "--threads", "1", "-p", "What is 12 + 30?")
+        term.read_until("\x1b[2m")  # the first streamed piece
+        os.kill(term.pid, signal.SIGINT)
+        rc, out = term.wait()
+        assert "Traceback" not in out
+        if rc == 130:
+            assert "interrupted" in out and "\\boxed" not in out  # the answer never came
+            break
+        assert rc == 0 and "\\boxed" in out  # finished before the Ctrl-C arrived
+    else:
+        pytest.fail("the answer finished before the Ctrl-C in every try")
 
 
 def test_terminal_torch_backend_hides_thinking(llama, tiny_dir: Path, images: dict[str, Path]) -> None:
