@@ -62,14 +62,13 @@ def _tensor(name: str, shape: tuple[int, ...], g: Any) -> Any:
     return torch.randn(shape, generator=g) / fan_in**0.5
 
 
-def step_write(out: Path) -> dict[str, Any]:
-    """The random checkpoint, streamed: one tensor in memory at a time, 2 GB shards."""
+def write_random_checkpoint(out: Path, cfg: dict[str, Any]) -> Path:
+    """Random weights for `cfg`, streamed: one tensor in memory at a time (bf16 on disk), 2 GB shards."""
     import torch
 
     from r1v_quant.model.checkpoint import ShardedWriter
     from r1v_quant.model.spec import parse_config
 
-    cfg = config()
     spec = parse_config(cfg, flavor="r1v")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -78,6 +77,12 @@ def step_write(out: Path) -> dict[str, Any]:
     for name, shape in spec.tensor_shapes().items():
         writer.add(name, _tensor(name, tuple(shape), g).to(torch.bfloat16))
     writer.close()
+    return out
+
+
+def step_write(out: Path) -> dict[str, Any]:
+    """The random checkpoint (config()), streamed."""
+    write_random_checkpoint(out, config())
     return {"bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
 
 

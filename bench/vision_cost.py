@@ -61,22 +61,9 @@ def config_6b(layers: int) -> dict[str, Any]:
 
 def write_6b(out: Path, layers: int) -> Path:
     """Random weights for `config_6b(layers)`, one tensor in memory at a time (bf16 on disk)."""
-    import torch
+    from bench.mmproj_6b import write_random_checkpoint
 
-    from bench.mmproj_6b import _tensor
-    from r1v_quant.model.checkpoint import ShardedWriter
-    from r1v_quant.model.spec import parse_config
-
-    cfg = config_6b(layers)
-    spec = parse_config(cfg, flavor="r1v")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    writer = ShardedWriter(out, max_shard_bytes=2 * 1024**3)
-    g = torch.Generator().manual_seed(0)
-    for name, shape in spec.tensor_shapes().items():
-        writer.add(name, _tensor(name, tuple(shape), g).to(torch.bfloat16))
-    writer.close()
-    return out
+    return write_random_checkpoint(out, config_6b(layers))
 
 
 def _factories(model: Path, work: Path, threads: int, tiles: list[Any]) -> dict[str, Callable[[], Any]]:

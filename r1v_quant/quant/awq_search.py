@@ -391,6 +391,25 @@ def _group_output(
 
 
 @torch.no_grad()
+def scale_candidates(
+    weights: torch.Tensor, x_mean: torch.Tensor, cfg: AWQConfig
+) -> list[tuple[str, float, torch.Tensor]]:
+    """The grid of input-channel scales the search scores: (kind, ratio, s), "none" first. `weights`: the
+    consumers' weights stacked by rows; `x_mean`: mean |x| per input channel."""
+    gs = cfg.group_size
+    wg = weights.abs().reshape(weights.shape[0], -1, gs)
+    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(weights.shape).mean(0).clamp(min=1e-8)
+    candidates: list[tuple[str, float, torch.Tensor]] = [("none", 0.0, torch.ones_like(x_mean))]
+    for r in [i / cfg.n_grid for i in range(cfg.n_grid)]:
+        for kind in cfg.scaling:
+            s = x_mean.pow(r) if kind == "act" else x_mean.pow(r) / w_mean.pow(1 - r)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            if r > 0 or kind == "duo":
+                candidates.append((kind, r, s))
+    return candidates
+
+
 def _search_scales(
     layer: Qwen2Layer,
     g: ScaleGroup,
@@ -412,17 +431,8 @@ def _search_scales(
     x_mean = feats.mean_abs[INPUT_OF[g.linears[0]]]
     weights = torch.cat([_get(layer, n).weight for n in g.linears], 0)
     gs = cfg.group_size
-    wg = weights.abs().reshape(weights.shape[0], -1, gs)
-    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(weights.shape).mean(0).clamp(min=1e-8)
     originals = {n: _get(layer, n).weight.detach().clone() for n in g.linears}
-    candidates: list[tuple[str, float, torch.Tensor]] = [("none", 0.0, torch.ones_like(x_mean))]
-    for r in [i / cfg.n_grid for i in range(cfg.n_grid)]:
-        for kind in cfg.scaling:
-            s = x_mean.pow(r) if kind == "act" else x_mean.pow(r) / w_mean.pow(1 - r)
-            s = s.clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            if r > 0 or kind == "duo":
-                candidates.append((kind, r, s))
+    candidates = scale_candidates(weights, x_mean, cfg)
     is_attn = g.module == "self_attn"
 
     def scores(

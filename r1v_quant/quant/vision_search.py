@@ -47,6 +47,7 @@ from r1v_quant.quant.awq_search import (
     _quantize_clipped,
     _round_params_fp16,
     _search_clip,
+    scale_candidates,
 )
 from r1v_quant.util.errors import R1VError
 
@@ -183,17 +184,8 @@ def _search_scales(
     lin = layer.get_submodule(g.linear)
     original = lin.weight.detach().clone()
     gs = cfg.group_size
-    wg = original.abs().reshape(original.shape[0], -1, gs)
-    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(original.shape).mean(0).clamp(min=1e-8)
     x_mean = mean_abs.to(original.device)
-    candidates: list[tuple[str, float, torch.Tensor]] = [("none", 0.0, torch.ones_like(x_mean))]
-    for r in [i / cfg.n_grid for i in range(cfg.n_grid)]:
-        for kind in cfg.scaling:
-            s = x_mean.pow(r) if kind == "act" else x_mean.pow(r) / w_mean.pow(1 - r)
-            s = s.clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            if r > 0 or kind == "duo":
-                candidates.append((kind, r, s))
+    candidates = scale_candidates(original, x_mean, cfg)
 
     def scores(idx: Sequence[int], tiles: slice) -> list[float]:
         out = []
