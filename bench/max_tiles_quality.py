@@ -40,12 +40,12 @@ def main() -> None:
 
     from bench.results_io import write_result
     from r1v_quant.data.synthdata import image_problems
-    from r1v_quant.evaluate.backends import RuntimeOptions, TorchBackend, greedy
+    from r1v_quant.evaluate.backends import TorchBackend, greedy
     from r1v_quant.evaluate.bench import grade
     from r1v_quant.evaluate.bench_sets import BenchItem
     from r1v_quant.model.artifact import resolve_artifact
     from r1v_quant.model.reference import build_inputs
-    from r1v_quant.runtime.backend import GenRequest
+    from r1v_quant.runtime.backend import GenRequest, RuntimeOptions
 
     torch.set_num_threads(a.threads)
     problems = image_problems(a.n, SEED)

@@ -33,6 +33,7 @@ from r1v_quant.cli.main import main  # noqa: E402
 from r1v_quant.data.synthdata import render_shape  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
 from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
+from r1v_quant.model.artifact import find_gguf_pair  # noqa: E402
 from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
 from r1v_quant.model.reference import R1VModel, build_inputs  # noqa: E402
 from r1v_quant.model.tokenizer import R1VTokenizer  # noqa: E402
@@ -44,7 +45,7 @@ from r1v_quant.runtime.chat_engines import (  # noqa: E402
     TorchVision,
     conversation_ids,
 )
-from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair  # noqa: E402
+from r1v_quant.runtime.llamacpp import LlamaCppRuntime  # noqa: E402
 from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp

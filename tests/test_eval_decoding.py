@@ -97,10 +97,11 @@ def test_batched_decoder_matches_one_sequence(tiny_dir: Path, monkeypatch: pytes
 
 
 def test_k_samples_per_item_with_recorded_seeds(tiny_dir: Path) -> None:
-    from r1v_quant.evaluate.backends import RuntimeOptions, open_backend
+    from r1v_quant.evaluate.backends import open_backend
     from r1v_quant.evaluate.bench import bench_pass, compare, model_summary
     from r1v_quant.evaluate.bench_load import load_bench
     from r1v_quant.model.artifact import resolve_reference
+    from r1v_quant.runtime.backend import RuntimeOptions
 
     items = load_bench("builtin:tiny", limit=3, seed=2).items
     dec = resolve_decoding(tiny_dir, "r1v", samples=2, seed=9, max_tokens=8)

@@ -15,11 +15,12 @@ from eval_helpers import perturbed_copy
 
 from r1v_quant.cli.main import main
 from r1v_quant.data.evalset import text_windows, window_logits, window_targets
-from r1v_quant.evaluate.backends import RuntimeOptions, check_compatible
+from r1v_quant.evaluate.backends import check_compatible
 from r1v_quant.evaluate.metrics import kld_summary, token_kld
 from r1v_quant.evaluate.ppl import RefStore, WindowSpec, build_windows, evaluate_models
 from r1v_quant.model.artifact import resolve_artifact, resolve_reference
 from r1v_quant.model.reference import R1VModel
+from r1v_quant.runtime.backend import RuntimeOptions
 from r1v_quant.util.errors import R1VError
 
 

@@ -323,9 +323,10 @@ def test_real_vocab_replica_through_the_pipeline(tmp_path: Path, flavor: str) ->
     from PIL import Image
 
     from r1v_quant.cli.main import main
+    from r1v_quant.model.artifact import find_gguf_pair
     from r1v_quant.model.reference import build_inputs
     from r1v_quant.model.spec import load_spec
-    from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
     def run(*args: str) -> str:
         r = CliRunner().invoke(main, list(args))

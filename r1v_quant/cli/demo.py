@@ -237,11 +237,12 @@ class Demo:
         return {"llm": llm, "mmproj": export_mmproj_gguf(self.model, self.mmproj, MMPROJ_TYPE)}
 
     def check(self) -> dict[str, Any]:
-        from r1v_quant.evaluate.backends import RuntimeOptions, check_compatible
+        from r1v_quant.evaluate.backends import check_compatible
         from r1v_quant.evaluate.bench_load import load_bench
         from r1v_quant.evaluate.check import Gates, run_check, write_report
         from r1v_quant.evaluate.ppl import WindowSpec
         from r1v_quant.model.artifact import resolve_artifact, resolve_reference
+        from r1v_quant.runtime.backend import RuntimeOptions
         from r1v_quant.runtime.decoding import resolve_decoding
 
         ref = resolve_reference(self.model)

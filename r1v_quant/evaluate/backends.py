@@ -38,7 +38,7 @@ from r1v_quant.model.prompts import (
     IMG_END,
     IMG_START,
 )
-from r1v_quant.runtime.backend import TORCH_DTYPES, Backend, Generation, GenRequest, OnDone, RuntimeOptions  # noqa: F401
+from r1v_quant.runtime.backend import Backend, Generation, GenRequest, OnDone, RuntimeOptions
 from r1v_quant.runtime.decoding import Decoding
 from r1v_quant.util.errors import R1VError
 

@@ -387,9 +387,10 @@ def warm_up_llamacpp(threads: int | None, vision: bool) -> None:
 def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
+    from r1v_quant.model.artifact import find_gguf_pair
     from r1v_quant.model.preprocess import expand_image_placeholders
     from r1v_quant.model.prompts import build_prompt
-    from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair, mmproj_tiling
+    from r1v_quant.runtime.llamacpp import LlamaCppRuntime, mmproj_tiling
 
     llm, mmproj = find_gguf_pair(req["path"])
     if req.get("mmproj"):

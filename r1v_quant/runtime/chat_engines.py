@@ -368,7 +368,8 @@ def open_backend(
     if vision_onnx is not None:
         onnx = OnnxVision(vision_onnx, threads=threads or 0, max_tiles=max_tiles)
     if gguf is not None:
-        from r1v_quant.runtime.llamacpp import LlamaCppRuntime, find_gguf_pair
+        from r1v_quant.model.artifact import find_gguf_pair
+        from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
         llm_file, found = find_gguf_pair(gguf)
         mmproj = mmproj or found

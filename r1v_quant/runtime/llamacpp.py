@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from r1v_quant.model.artifact import find_gguf_pair  # noqa: F401  (callers import it from here)
 from r1v_quant.model.preprocess import ImageSource, expand_image_placeholders, open_image
 from r1v_quant.model.prompts import CHAT_FORMATS, IMAGE_PLACEHOLDER, IMG_CONTEXT, build_prompt
 from r1v_quant.runtime.gguf_lib import Closeable, free_handle, llama_log
