@@ -128,8 +128,10 @@ def build(out: Path, seed: int = 0) -> Path:
 
 
 def run(cmd: list[str], log: Path) -> dict[str, Any]:
-    """Run a command, returning its wall seconds and peak RSS (the child's own ru_maxrss, via wait4).
-    The measurement is kept beside the log, so `--reuse` can take a finished step's result."""
+    """Run a command, returning its wall seconds and peak RSS (the child's ru_maxrss, via wait4). Linux
+    carries a parent's peak into a child's ru_maxrss across fork + exec, so this process never holds a
+    large model itself (the checkpoint is built by a child too). The measurement is kept beside the log, so
+    `--reuse` can take a finished step's result."""
     done = log.with_suffix(".metrics.json")
     if REUSE and done.is_file():
         return json.loads(done.read_text())
@@ -195,6 +197,14 @@ for lin in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj", "mlp.gate_p
                  "identical": bool(np.array_equal(theirs.astype(np.float16), ours.astype(np.float16))),
                  "rel_rms_error_vs_16bit": float(np.sqrt(((theirs - w) ** 2).mean() / (w ** 2).mean()))}
 print(json.dumps(rows))
+"""
+
+BUILD = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from bench.full_width import build
+build(Path(sys.argv[2]))
 """
 
 LOGITS = r"""
@@ -289,6 +299,31 @@ def estimate_38b(rate_gflops: float) -> dict[str, Any]:
     return out
 
 
+def phase_efficiency(calib: dict[str, Any], awq: dict[str, Any]) -> dict[str, Any]:
+    """Each phase's measured rate as a fraction of the matmul rate the planner measured at the start of the
+    same job (the rate its estimate is multiplied by): the calibrate job times vision + capture together
+    (one factor for both) and the sensitivity pass; the awq job's search timing also holds that job's own
+    vision + capture, which are taken off at the calibrate job's factor."""
+    rate_c = calib["plan"]["gflops_measured"]["cpu"] * 1e9
+    f_c = calib["plan"]["flops"]
+    t_sens = calib["sensitivity"]
+    t_vc = calib["seconds"] - calib["prepare_seconds"] - t_sens
+    e_vc = (f_c["vision"] + f_c["capture"]) / (t_vc * rate_c)
+    e_sens = f_c["sensitivity"] / (t_sens * rate_c)
+    rate_a = awq["plan"]["gflops_measured"]["cpu"] * 1e9
+    f_a = awq["plan"]["flops"]
+    t_search = awq["timings"]["search"] - (f_a["vision"] + f_a["capture"]) / (rate_a * e_vc)
+    e_search = f_a["search"] / (t_search * rate_a)
+    return {
+        "vision": round(e_vc, 3),
+        "capture": round(e_vc, 3),
+        "sensitivity": round(e_sens, 3),
+        "search": round(e_search, 3),
+        "seconds": {"vision+capture": round(t_vc, 1), "sensitivity": t_sens, "search": round(t_search, 1)},
+        "matmul_gflops": {"calibrate": rate_c / 1e9, "awq": rate_a / 1e9},
+    }
+
+
 def last_json(log: Path) -> dict[str, Any]:
     return json.loads(log.read_text().strip().splitlines()[-1])
 
@@ -318,9 +353,8 @@ def main() -> None:
         res.update({k: v for k, v in old.items() if k not in ("bench", "date", "machine")})
     if not (model / "model.safetensors.index.json").is_file():
         shutil.rmtree(model, ignore_errors=True)
-        t0 = time.perf_counter()
-        build(model)
-        res["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (work / "build.metrics.json").unlink(missing_ok=True)  # a missing checkpoint is always built
+        res["build"] = run([sys.executable, "-c", BUILD, str(ROOT), str(model)], work / "build.log")
     common = ["--samples", str(a.samples), "--seq-len", str(a.seq_len), "--json"]
     try:
         if "layers" not in skip:  # one forward of each full-width layer, timed against the matmul rate
@@ -341,6 +375,7 @@ def main() -> None:
                 "plan": rep["plan"],
                 "memory": rep["memory"],
                 "sensitivity": rep.get("sensitivity", {}).get("seconds"),
+                "prepare_seconds": rep.get("prepare_seconds"),
             }
             print("calibrate", m, flush=True)
         if "awq" not in skip:
@@ -385,11 +420,26 @@ def main() -> None:
             if not a.keep:
                 for t in ("Q8_0", "Q4_K_M"):
                     shutil.rmtree(work / f"gguf-{t}", ignore_errors=True)
-        # the 38B figures from these measurements: at this machine's matmul rate and at 1 TFLOP/s
+        # the 38B figures from these measurements: at this machine's matmul rate and at 1 TFLOP/s, with the
+        # planner's current factors and with the ones measured here
+        import calibration.job_plan as jp
+
         rate = res.get("layer_forward", {}).get("matmul_gflops")
-        res["estimate_38b"] = {"assumed_1tflops": estimate_38b(1000.0)}
+        res["estimate_38b"] = {"planner_factors": {"assumed_1tflops": estimate_38b(1000.0)}}
         if rate:
-            res["estimate_38b"]["this_machine"] = estimate_38b(rate)
+            res["estimate_38b"]["planner_factors"]["this_machine"] = estimate_38b(rate)
+        if "calibrate" in res and "awq" in res:
+            res["phase_efficiency"] = eff = phase_efficiency(res["calibrate"], res["awq"])
+            saved = dict(jp.PHASE_EFFICIENCY)
+            jp.PHASE_EFFICIENCY.update({k: eff[k] for k in saved})
+            try:
+                m = {"assumed_1tflops": estimate_38b(1000.0)}
+                if rate:
+                    m["this_machine"] = estimate_38b(rate)
+            finally:
+                jp.PHASE_EFFICIENCY.clear()
+                jp.PHASE_EFFICIENCY.update(saved)
+            res["estimate_38b"]["measured_factors"] = m
         print("38B", json.dumps(res["estimate_38b"], indent=1), flush=True)
         print(f"wrote {write_result('full_width', res)}")
     except BaseException:

@@ -40,12 +40,13 @@ def main() -> None:
 
     from bench.results_io import write_result
     from r1v_quant.data.synthdata import image_problems
+    from r1v_quant.evaluate.backend_protocol import GenRequest
     from r1v_quant.evaluate.backends import TorchBackend, greedy
     from r1v_quant.evaluate.bench import grade
     from r1v_quant.evaluate.bench_sets import BenchItem
     from r1v_quant.model.artifact import resolve_artifact
     from r1v_quant.model.reference import build_inputs
-    from r1v_quant.runtime.backend import GenRequest, RuntimeOptions
+    from r1v_quant.runtime.options import RuntimeOptions
 
     torch.set_num_threads(a.threads)
     problems = image_problems(a.n, SEED)
@@ -62,17 +63,17 @@ def main() -> None:
         tiles, vision_s, nll = [], [], []
         with torch.inference_mode():  # warm-up: the first forward's one-time costs are not vision time
             _, warm, _ = build_inputs(art.path, be.spec, "<image>\nq", [pictures[0]], max_tiles=cap)
-            be.model.image_embeds(warm)
+            be.lm.model.image_embeds(warm)
         for p, pic in zip(problems, pictures, strict=True):
             ids, pixels, _ = build_inputs(art.path, be.spec, f"<image>\n{p.question}", [pic], max_tiles=cap)
             tiles.append(int(pixels.shape[0]))
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                be.model.image_embeds(pixels)
+                be.lm.model.image_embeds(pixels)
                 vision_s.append(time.perf_counter() - t0)
-                resp = torch.tensor([be.tok.encode(p.response())])
+                resp = torch.tensor([be.lm.tok.encode(p.response())])
                 full = torch.cat([ids, resp], 1)
-                logits = be.model(full, pixels)[0, ids.shape[1] - 1 : -1].float()
+                logits = be.lm.model(full, pixels)[0, ids.shape[1] - 1 : -1].float()
                 nll.append(float(torch.nn.functional.cross_entropy(logits, resp[0])))
         reqs = [GenRequest(it.question, it.images, 0) for it in items]
         gens = be.generate_many(reqs, greedy(96))

@@ -872,21 +872,31 @@ def plan_job(
     )
 
 
-def current_rss_bytes() -> int | None:
-    """VmRSS of this process (Linux); None elsewhere."""
+def _proc_status(key: str) -> int | None:
+    """A memory line of /proc/self/status in bytes (Linux); None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def current_rss_bytes() -> int | None:
+    """VmRSS of this process (Linux); None elsewhere."""
+    return _proc_status("VmRSS")
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set (getrusage ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set: VmHWM on Linux (the address space since exec: getrusage's
+    ru_maxrss also keeps the peak of the process that forked this one, so a run started by a large parent
+    would report the parent's peak), else ru_maxrss (KiB on Linux, bytes on macOS)."""
     import resource
     import sys
 
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)

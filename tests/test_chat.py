@@ -28,7 +28,7 @@ pytest.importorskip("llama_cpp")
 
 from click.testing import CliRunner  # noqa: E402
 
-from r1v_quant.cli.chat import ThinkingView, TokenText, interactive  # noqa: E402
+from r1v_quant.cli.chat import ThinkingView, interactive  # noqa: E402
 from r1v_quant.cli.main import main  # noqa: E402
 from r1v_quant.data.synthdata import render_shape  # noqa: E402
 from r1v_quant.exporters.gguf_llm import export_llm_gguf  # noqa: E402
@@ -37,15 +37,10 @@ from r1v_quant.model.artifact import find_gguf_pair  # noqa: E402
 from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
 from r1v_quant.model.reference import R1VModel, build_inputs  # noqa: E402
 from r1v_quant.model.tokenizer import R1VTokenizer  # noqa: E402
-from r1v_quant.runtime.chat_engines import (  # noqa: E402
-    ChatSession,
-    LlamaCppLM,
-    MmprojVision,
-    TorchLM,
-    TorchVision,
-    conversation_ids,
-)
+from r1v_quant.runtime.engines import LlamaCppLM, MmprojVision, TorchLM, TorchVision  # noqa: E402
 from r1v_quant.runtime.llamacpp import LlamaCppRuntime  # noqa: E402
+from r1v_quant.runtime.protocol import TokenText, conversation_ids  # noqa: E402
+from r1v_quant.runtime.session import ChatSession  # noqa: E402
 from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
@@ -247,7 +242,7 @@ def test_onnx_vision_encoder_in_llamacpp_chat(
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from r1v_quant.exporters.onnx_vision import export_onnx
-    from r1v_quant.runtime.chat_engines import OnnxVision
+    from r1v_quant.runtime.engines import OnnxVision
 
     export_onnx(tiny_dir, tmp_path / "onnx", verify=False)
     lm, mmproj = llama
@@ -497,3 +492,27 @@ def test_terminal_torch_backend_hides_thinking(llama, tiny_dir: Path, images: di
     assert counts[-1] == n_think and set(counts) == set(range(1, n_think + 1))
     assert out.replace("\r", "").endswith(f"tokens]\n{want.answer}\n") and "blue" in want.answer
     assert want.thinking not in out
+
+
+def test_engines_score_the_same_prompt_alike(llama, torch_backend, images: dict[str, Path]) -> None:
+    """The runtime protocol's two language models: one prompt gives the same ids, `logits` at chosen
+    positions equal the full forward's rows, and the GGUF (F16) scores those rows as torch does."""
+    from r1v_quant.runtime.protocol import prompt_inputs
+
+    (lm_t, vis_t), (lm_l, vis_l) = torch_backend, llama
+    msgs = [{"role": "user", "content": COLOR_Q}]
+    ids_t, rows_t = prompt_inputs(lm_t, vis_t, msgs, [images["blue"]])
+    ids_l, rows_l = prompt_inputs(lm_l, vis_l, msgs, [images["blue"]])
+    assert ids_t == ids_l and rows_t.shape == rows_l.shape
+    pos = np.zeros(len(ids_t), dtype=bool)
+    pos[-6:] = True
+    a = lm_t.logits(ids_t, rows_t, pos)
+    full = lm_t.logits(ids_t, rows_t)
+    assert a.shape == (6, full.shape[1])
+    np.testing.assert_allclose(a, full[pos], rtol=0, atol=1e-4)
+    b = lm_l.logits(ids_l, rows_l, pos)
+    assert b.shape == a.shape
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() > 0.99, cos
+    with pytest.raises(R1VError, match="1 image"):
+        prompt_inputs(lm_t, vis_t, [{"role": "user", "content": "<image><image> hi"}], [images["blue"]])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from r1v_quant.runtime.decoding import FLAVOR_SAMPLING, checkpoint_sampling, resolve_decoding
-from r1v_quant.runtime.llamacpp import sample_token
+from r1v_quant.runtime.sampling import sample_token
 from r1v_quant.util.errors import R1VError
 
 
@@ -101,7 +101,7 @@ def test_k_samples_per_item_with_recorded_seeds(tiny_dir: Path) -> None:
     from r1v_quant.evaluate.bench import bench_pass, compare, model_summary
     from r1v_quant.evaluate.bench_load import load_bench
     from r1v_quant.model.artifact import resolve_reference
-    from r1v_quant.runtime.backend import RuntimeOptions
+    from r1v_quant.runtime.options import RuntimeOptions
 
     items = load_bench("builtin:tiny", limit=3, seed=2).items
     dec = resolve_decoding(tiny_dir, "r1v", samples=2, seed=9, max_tokens=8)

@@ -20,7 +20,7 @@ from r1v_quant.evaluate.metrics import kld_summary, token_kld
 from r1v_quant.evaluate.ppl import RefStore, WindowSpec, build_windows, evaluate_models
 from r1v_quant.model.artifact import resolve_artifact, resolve_reference
 from r1v_quant.model.reference import R1VModel
-from r1v_quant.runtime.backend import RuntimeOptions
+from r1v_quant.runtime.options import RuntimeOptions
 from r1v_quant.util.errors import R1VError
 
 

@@ -428,7 +428,7 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
     from click.testing import CliRunner
 
     import r1v_quant.profiling.profiler
-    import r1v_quant.runtime.chat_engines
+    import r1v_quant.runtime.engines
     from r1v_quant.cli.main import main
 
     seen: list[Path] = []
@@ -438,7 +438,7 @@ def test_profile_and_chat_resolve_their_model(offline_home: Path, monkeypatch: p
         raise R1VError("stopped here")
 
     monkeypatch.setattr(r1v_quant.profiling.profiler, "profile", lambda path, **kw: stop(path))
-    monkeypatch.setattr(r1v_quant.runtime.chat_engines, "open_backend", lambda **kw: stop(kw["model"]))
+    monkeypatch.setattr(r1v_quant.runtime.engines, "open_engines", lambda **kw: stop(kw["model"]))
     runner = CliRunner()
     for args in (["profile", f"{REPO}@v1"], ["chat", "--model", REPO, "--revision", "v1", "-p", "hi"]):
         res = runner.invoke(main, args)

@@ -118,9 +118,10 @@ def test_cpu_rates_are_the_benchmark_s() -> None:
 def test_torch_backend_caps_the_tiles(tiny_dir: Path) -> None:
     """eval's torch backend and build_inputs tile a 2:1 picture as 2 x 1 + thumbnail, or as one tile."""
     from r1v_quant.data.synthdata import render_shape
+    from r1v_quant.evaluate.backend_protocol import GenRequest
     from r1v_quant.evaluate.backends import TorchBackend
     from r1v_quant.model.artifact import resolve_artifact
-    from r1v_quant.runtime.backend import GenRequest, RuntimeOptions
+    from r1v_quant.runtime.options import RuntimeOptions
 
     wide = render_shape("red", "circle", (896, 448))
     art = resolve_artifact(tiny_dir)

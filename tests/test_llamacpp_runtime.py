@@ -16,7 +16,8 @@ from r1v_quant.exporters.gguf_mmproj import export_mmproj_gguf  # noqa: E402
 from r1v_quant.model.artifact import find_gguf_pair  # noqa: E402
 from r1v_quant.model.checkpoint import open_checkpoint  # noqa: E402
 from r1v_quant.model.reference import R1VModel, build_inputs  # noqa: E402
-from r1v_quant.runtime.llamacpp import LlamaCppRuntime, sample_token  # noqa: E402
+from r1v_quant.runtime.llamacpp import LlamaCppRuntime  # noqa: E402
+from r1v_quant.runtime.sampling import sample_token  # noqa: E402
 from r1v_quant.util.errors import R1VError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp

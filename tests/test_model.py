@@ -134,7 +134,7 @@ def test_image_prompt_answer_is_deterministic_and_uses_the_image(tiny_dir, tmp_p
     """The colour of a square in each of the four colours: the build verified these pictures, so every
     answer is right; the same prompt twice gives the same tokens."""
     from r1v_quant.data.synthdata import COLORS, render_shape
-    from r1v_quant.runtime.generate import answer
+    from r1v_quant.runtime.session import answer_checkpoint as answer
 
     q = "What color is the shape in the image?"
     answers = {}

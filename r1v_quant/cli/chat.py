@@ -1,8 +1,8 @@
 """`r1v-quant chat`: one-shot or interactive multi-turn image chat, streamed as the tokens come.
 
-Engines are in `r1v_quant.runtime.chat_engines`; this module is the terminal side: incremental UTF-8
-decoding, the
-`<think>` section shown dimmed or collapsed to one line, the interactive commands, Ctrl-C / Ctrl-D.
+The conversation is `r1v_quant.runtime.session.ChatSession` over the runtime protocol's engines
+(`r1v_quant.runtime.engines`); this module is the terminal side: the `<think>` section shown dimmed or
+collapsed to one line, the interactive commands, Ctrl-C / Ctrl-D.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import click
 
 from r1v_quant.cli.params import model_option
 from r1v_quant.model.prompts import THINK_END
+from r1v_quant.runtime.protocol import TokenText
 from r1v_quant.util.errors import R1VError
 
 Write = Callable[[str], None]
@@ -30,28 +31,6 @@ Type a message and press Enter. Commands:
   /help         this text
   /exit         quit (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C while the model writes stops that answer; the turn is forgotten."""
-
-
-class TokenText:
-    """Token ids -> text pieces that end on whole characters (a character may span several tokens)."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], str]):
-        self.decode = decode
-        self.pending: list[int] = []
-
-    def push(self, token: int) -> str:
-        self.pending.append(token)
-        text = self.decode(self.pending)
-        # a UTF-8 character has at most 4 bytes, so 4 tokens that still end in U+FFFD are really invalid
-        if text.endswith("\ufffd") and len(self.pending) < 4:
-            return ""
-        self.pending.clear()
-        return text
-
-    def flush(self) -> str:
-        text = self.decode(self.pending) if self.pending else ""
-        self.pending.clear()
-        return text
 
 
 class ThinkingView:
@@ -270,7 +249,9 @@ def chat_command(
     With --prompt: one answer, then exit. Otherwise interactive: /image PATH attaches an image to the next
     message, /reset, /help, /exit (or Ctrl-D)."""
     from r1v_quant.plan.image_cost import check_max_tiles
-    from r1v_quant.runtime.chat_engines import ChatSession, open_backend
+    from r1v_quant.runtime.engines import open_engines
+    from r1v_quant.runtime.options import RuntimeOptions
+    from r1v_quant.runtime.session import ChatSession
 
     if as_json and prompt is None:
         raise R1VError("--json needs --prompt (one-shot mode)")
@@ -282,10 +263,12 @@ def chat_command(
     for image in images:
         if not image.is_file():
             raise R1VError(f"image file not found: {image}")
-    lm, vision = open_backend(
-        gguf=gguf, mmproj=mmproj, model=model, vision_onnx=vision_onnx, threads=threads, n_ctx=n_ctx,
-        torch_device=torch_device, torch_dtype=torch_dtype, max_tiles=max_tiles,
-    )  # fmt: skip
+    options = RuntimeOptions(
+        n_threads=threads, torch_device=torch_device, torch_dtype=torch_dtype, max_tiles=max_tiles
+    )
+    lm, vision = open_engines(
+        gguf=gguf, mmproj=mmproj, model=model, vision_onnx=vision_onnx, options=options, n_ctx=n_ctx
+    )
     session = ChatSession(
         lm, vision, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )

@@ -242,8 +242,8 @@ class Demo:
         from r1v_quant.evaluate.check import Gates, run_check, write_report
         from r1v_quant.evaluate.ppl import WindowSpec
         from r1v_quant.model.artifact import resolve_artifact, resolve_reference
-        from r1v_quant.runtime.backend import RuntimeOptions
         from r1v_quant.runtime.decoding import resolve_decoding
+        from r1v_quant.runtime.options import RuntimeOptions
 
         ref = resolve_reference(self.model)
         cands = [resolve_artifact(self.awq), resolve_artifact(self.gguf_dir)]
@@ -289,9 +289,9 @@ class Demo:
     def ask(self) -> dict[str, Any]:
         """The blue circle to every engine (16-bit, AWQ, GGUF), the photo to the 16-bit model and the GGUF."""
         from r1v_quant.data.synthdata import render_shape
-        from r1v_quant.runtime.chat_engines import ChatSession, LlamaCppLM, MmprojVision
-        from r1v_quant.runtime.generate import answer
+        from r1v_quant.runtime.engines import LlamaCppLM, MmprojVision
         from r1v_quant.runtime.llamacpp import LlamaCppRuntime
+        from r1v_quant.runtime.session import answer, answer_checkpoint
 
         with atomic_dir(self.out / "images") as tmp:
             render_shape("blue", "circle").save(tmp / "blue-circle.png")
@@ -318,16 +318,12 @@ class Demo:
         try:
             for image, q, want in questions:
                 click.echo(f"    Q: <image> {q}   ({image.name})", err=True)
-                r = answer(self.model, q, [image], max_new_tokens=96)
+                r = answer_checkpoint(self.model, q, [image], max_new_tokens=96)
                 record("torch 16-bit", None, image, q, want, _brief(r))
                 if want is not None:  # the photo has no right answer to compare quantized engines on
-                    r = answer(self.awq, q, [image], max_new_tokens=96)
+                    r = answer_checkpoint(self.awq, q, [image], max_new_tokens=96)
                     record("torch AWQ int4", self.awq.name, image, q, want, _brief(r))
-                session = ChatSession(lm, MmprojVision(rt), max_new_tokens=96)
-                reply = session.ask(q, [image])
-                r = {"answer": reply.answer, "thinking": reply.thinking, "text": reply.text,
-                     "tokens": len(reply.tokens), "stopped": reply.stopped, "tiles": session.images[0].tiles,
-                     "timings": reply.timings}  # fmt: skip
+                r = _brief(answer(lm, MmprojVision(rt), q, [image], max_new_tokens=96))
                 record(f"llama.cpp {GGUF_TYPE}", self.gguf.stem, image, q, want, r)  # check's row name
         finally:
             lm.close()
@@ -418,7 +414,7 @@ def _bundled_photo(folder: Path) -> Path | None:
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
     return {"answer": r["answer"], "thinking": r["thinking"], "text": r["text"], "tokens": len(r["tokens"]),
             "stopped": r["stopped"], "tiles": r["image_tiles"],
-            "timings": {"generate_s": r["generate_seconds"]}}  # fmt: skip
+            "timings": {"generate_s": r["generate_seconds"], **r["timings"]}}  # fmt: skip
 
 
 def _plots(demo: Demo, folder: Path) -> list[tuple[str, str]]:

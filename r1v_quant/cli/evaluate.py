@@ -86,7 +86,7 @@ def _runtime_options(
 ) -> Any:
     """The options of `_runtime`, checked before any model loads (a CUDA request without CUDA fails now)."""
     from r1v_quant.plan.image_cost import check_max_tiles
-    from r1v_quant.runtime.backend import RuntimeOptions
+    from r1v_quant.runtime.options import RuntimeOptions
 
     if batch_size < 1 or parallel < 1:
         raise R1VError("--batch-size and --parallel must be at least 1")

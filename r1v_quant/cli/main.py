@@ -215,9 +215,9 @@ def generate(
     as_json: bool,
 ) -> None:
     """Greedy answer from the torch reference forward (16-bit checkpoint)."""
-    from r1v_quant.runtime.generate import answer
+    from r1v_quant.runtime.session import answer_checkpoint
 
-    result = answer(
+    result = answer_checkpoint(
         model,
         prompt,
         list(images),

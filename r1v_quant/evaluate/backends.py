@@ -1,16 +1,16 @@
 """The models `eval` and `check` compare, behind one small interface, and the same-architecture check.
 
 An artifact (`r1v_quant.model.artifact.resolve_artifact`) is a checkpoint folder (16-bit or AWQ: the torch
-reference forward, AWQ dequantized by r1v-quant's loader) or a GGUF (a `.gguf` file, with a sibling
-`mmproj*.gguf` picked up when there is one, or a folder holding one language-model GGUF and at most one
-mmproj: llama.cpp through `r1v_quant.runtime.llamacpp`). Both backends score the same token ids (the
-reference's tokenization, checked equal) and generate from each artifact's own template and stop tokens.
+engines, AWQ dequantized by r1v-quant's loader) or a GGUF (a `.gguf` file, with a sibling `mmproj*.gguf`
+picked up when there is one, or a folder holding one language-model GGUF and at most one mmproj: the
+llama.cpp engines). Both run through the runtime protocol (`r1v_quant.runtime.protocol`), as chat does:
+they score the same token ids (the reference's tokenization, checked equal) and generate from each
+artifact's own template and stop tokens.
 
 Answers for `eval bench` come from `generate_many`: requests (question, images, seed) decoded with one
-`Decoding` (r1v_quant.runtime.decoding), each answer's budget capped by the context the backend has. The torch
-backend decodes a batch of requests at once (r1v_quant.runtime.batch_generate), llama.cpp one after
-another, an
-OpenAI-compatible server several in parallel (r1v_quant.evaluate.server_backend).
+`Decoding` (r1v_quant.runtime.decoding), each answer's budget capped by the context the backend has. The
+torch backend decodes a batch of requests at once (r1v_quant.runtime.batch_generate), llama.cpp one after
+another, an OpenAI-compatible server several in parallel (r1v_quant.evaluate.server_backend).
 
 Only one model is open at a time: callers open, use and close each backend in turn.
 """
@@ -20,12 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from r1v_quant.data.evalset import Window
+from r1v_quant.evaluate.backend_protocol import Backend, Generation, GenRequest, OnDone
 from r1v_quant.model.artifact import Artifact
 from r1v_quant.model.preprocess import ImageSource
 from r1v_quant.model.prompts import (
@@ -38,9 +39,13 @@ from r1v_quant.model.prompts import (
     IMG_END,
     IMG_START,
 )
-from r1v_quant.runtime.backend import Backend, Generation, GenRequest, OnDone, RuntimeOptions
 from r1v_quant.runtime.decoding import Decoding
+from r1v_quant.runtime.options import RuntimeOptions
+from r1v_quant.runtime.protocol import prompt_inputs
 from r1v_quant.util.errors import R1VError
+
+if TYPE_CHECKING:
+    from r1v_quant.runtime.engines import TorchLM, TorchVision
 
 # Tokenizer probe: ordinary text in several scripts, numbers, whitespace runs and every special token the
 # templates and the image placeholder use. Two tokenizers that agree on all of these are treated as equal.
@@ -115,49 +120,37 @@ def _tokenizer(art: Artifact) -> Any:
 
 
 class TorchBackend:
-    """The torch reference forward on a 16-bit or AWQ checkpoint, on the device and dtype `runtime` says
-    (default: CPU float32, or a CUDA GPU in bfloat16 when there is one)."""
+    """The torch engines (r1v_quant.runtime.engines) on a 16-bit or AWQ checkpoint, on the device and dtype
+    `runtime` says (default: CPU float32, or a CUDA GPU in bfloat16 when there is one); answers are decoded
+    in batches (r1v_quant.runtime.batch_generate)."""
 
     def __init__(self, artifact: Artifact, runtime: RuntimeOptions | None = None):
-        from r1v_quant.model.checkpoint import open_checkpoint
-        from r1v_quant.model.reference import R1VModel
-        from r1v_quant.model.tokenizer import R1VTokenizer
+        from r1v_quant.runtime.engines import open_engines
 
+        opts = runtime or RuntimeOptions()
         self.artifact = artifact
-        self.device, self.dtype = (runtime or RuntimeOptions()).torch_placement()
-        ckpt = open_checkpoint(artifact.path)
-        self.spec = ckpt.spec
-        self.model = R1VModel.from_checkpoint(ckpt, dtype=self.dtype, device=self.device)
-        self.tok = R1VTokenizer.from_dir(artifact.path)
-        self.stop_ids = self.tok.stop_ids(self.spec.flavor)
-        self.batch_size = max(1, (runtime or RuntimeOptions()).batch_size)
-        self.max_tiles = (runtime or RuntimeOptions()).max_tiles
+        lm, vision = open_engines(model=artifact.path, options=opts)
+        self.lm: TorchLM = lm  # type: ignore[assignment]
+        self.vision: TorchVision = vision  # type: ignore[assignment]
+        self.spec = self.lm.model.spec
+        self.batch_size = max(1, opts.batch_size)
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tok.encode(text)
+        return self.lm.tokenize(text)
 
-    def _pixels(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
-        return None if pixels is None else pixels.to(device=self.device, dtype=self.dtype)
-
-    @torch.no_grad()
     def logprobs(self, window: Window) -> torch.Tensor:
-        with torch.device(self.device):  # tensors the forward creates (cache, positions) land there too
-            logits = self.model(window.input_ids[None].to(self.device), self._pixels(window.pixel_values))
-        # only the scored rows come back to the host (a 38B window's full logits are GBs)
-        return torch.log_softmax(logits[0][window.score.to(self.device)].float().cpu(), -1)
+        rows = None if window.pixel_values is None else self.vision.encode_pixels(window.pixel_values)
+        logits = self.lm.logits(window.input_ids.tolist(), rows, window.score)
+        return torch.log_softmax(torch.from_numpy(logits), -1)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
         return self.generate_many([GenRequest(question, images, 0)], greedy(max_new_tokens))[0]
 
     def _embeds(self, req: GenRequest) -> tuple[torch.Tensor, list[int]]:
-        from r1v_quant.model.reference import build_inputs
-
-        ids, pixels, _ = build_inputs(
-            self.artifact.path, self.spec, req.question, list(req.images), max_tiles=self.max_tiles
+        ids, rows = prompt_inputs(
+            self.lm, self.vision, [{"role": "user", "content": req.question}], req.images
         )
-        with torch.device(self.device):
-            embeds = self.model.embed(ids.to(self.device), self._pixels(pixels))
-        return embeds[0], ids[0].tolist()
+        return self.lm.embed(ids, rows)[0], ids
 
     def generate_many(
         self, reqs: Sequence[GenRequest], decoding: Decoding, on_done: OnDone | None = None
@@ -168,7 +161,7 @@ class TorchBackend:
 
         out: list[Generation | None] = [None] * len(reqs)
         cache: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
-        limit = self.spec.llm.max_position_embeddings
+        limit = self.lm.n_ctx
         for start in range(0, len(reqs), self.batch_size):
             part = list(range(start, min(start + self.batch_size, len(reqs))))
             rows = []
@@ -181,20 +174,20 @@ class TorchBackend:
                 rows.append(Row(embeds, ids, budget, reqs[i].seed))
 
             def done(j: int, res: Any, part: list[int] = part, rows: list[Row] = rows) -> None:
-                text = self.tok.decode(res.tokens)
+                text = self.lm.decode(res.tokens)
                 gen = Generation(text, len(res.tokens), res.stopped, rows[j].max_new_tokens)
                 out[part[j]] = gen
                 if on_done is not None:
                     on_done(part[j], gen)
 
-            with torch.device(self.device):
+            with torch.device(self.lm.device):
                 generate_rows(
-                    self.model.language_model,
+                    self.lm.model.language_model,
                     rows,
                     temperature=decoding.temperature,
                     top_p=decoding.top_p,
                     repetition_penalty=decoding.repetition_penalty,
-                    stop_ids=self.stop_ids,
+                    stop_ids=self.lm.stop_ids,
                     on_done=done,
                 )
         return [g for g in out if g is not None]
@@ -206,17 +199,17 @@ class TorchBackend:
         embeds, ids = self._embeds(req)
         rows = [Row(embeds, ids, n_tokens, k) for k in range(self.batch_size)]
         t0 = time.perf_counter()
-        with torch.device(self.device):
-            lm = self.model.language_model
+        with torch.device(self.lm.device):
+            lm = self.lm.model.language_model
             res = generate_rows(lm, rows, temperature=0.0, top_p=1.0, repetition_penalty=1.0, stop_ids=())
         return sum(len(r.tokens) for r in res) / max(time.perf_counter() - t0, 1e-9)
 
     def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        self.lm.close()
 
 
 class LlamaCppBackend:
-    """A GGUF (+ mmproj) in llama.cpp via r1v_quant.runtime.llamacpp; CPU unless n_gpu_layers."""
+    """A GGUF (+ mmproj) in the llama.cpp engines (r1v_quant.runtime.engines); CPU unless n_gpu_layers."""
 
     def __init__(
         self,
@@ -227,6 +220,7 @@ class LlamaCppBackend:
         n_gpu_layers: int = 0,
         max_tiles: int | None = None,
     ):
+        from r1v_quant.runtime.engines import LlamaCppLM, MmprojVision
         from r1v_quant.runtime.llamacpp import LlamaCppRuntime
 
         self.artifact = artifact
@@ -238,19 +232,28 @@ class LlamaCppBackend:
             n_gpu_layers=n_gpu_layers,
             max_tiles=max_tiles,
         )
+        self.lm = LlamaCppLM(self.rt)
+        self.vision = MmprojVision(self.rt) if artifact.mmproj_gguf is not None else None
 
     def tokenize(self, text: str) -> list[int]:
-        return self.rt.tokenize(text)
+        return self.lm.tokenize(text)
+
+    def _rows(self, images: Sequence[ImageSource]) -> np.ndarray | None:
+        if not images:
+            return None
+        if self.vision is None:
+            raise R1VError(f"{self.artifact.path}: no mmproj GGUF next to it; images need one")
+        return np.concatenate([self.vision.encode(im).rows for im in images])
 
     def logprobs(self, window: Window) -> torch.Tensor:
-        embeds = None
-        if window.images:
-            embeds = np.concatenate([self.rt.image_embeds(im) for im in window.images])
-        logits = self.rt.logits(window.input_ids.tolist(), embeds)
-        return torch.log_softmax(torch.from_numpy(logits)[window.score], -1)
+        logits = self.lm.logits(window.input_ids.tolist(), self._rows(window.images), window.score.numpy())
+        return torch.log_softmax(torch.from_numpy(logits), -1)
 
     def generate(self, question: str, images: Sequence[ImageSource], max_new_tokens: int) -> Generation:
         return self.generate_many([GenRequest(question, images, 0)], greedy(max_new_tokens))[0]
+
+    def _prompt(self, req: GenRequest) -> tuple[list[int], np.ndarray | None]:
+        return prompt_inputs(self.lm, self.vision, [{"role": "user", "content": req.question}], req.images)
 
     def generate_many(
         self, reqs: Sequence[GenRequest], decoding: Decoding, on_done: OnDone | None = None
@@ -262,10 +265,10 @@ class LlamaCppBackend:
         for i, req in enumerate(reqs):
             key = (req.question, id(req.images))
             if last is None or last[0] != key:
-                last = (key, self.rt.prompt([{"role": "user", "content": req.question}], list(req.images)))
+                last = (key, self._prompt(req))
             ids, embeds = last[1]
-            budget = max(0, min(decoding.max_tokens, self.rt.n_ctx - len(ids)))
-            res = self.rt.generate(
+            budget = max(0, min(decoding.max_tokens, self.lm.n_ctx - len(ids)))
+            res = self.lm.generate(
                 ids,
                 embeds,
                 max_new_tokens=budget,
@@ -274,19 +277,19 @@ class LlamaCppBackend:
                 seed=req.seed,
                 repetition_penalty=decoding.repetition_penalty,
             )
-            gen = Generation(self.rt.detokenize(res.tokens), len(res.tokens), res.stopped, budget)
+            gen = Generation(self.lm.decode(res.tokens), len(res.tokens), res.stopped, budget)
             out.append(gen)
             if on_done is not None:
                 on_done(i, gen)
         return out
 
     def speed(self, req: GenRequest, n_tokens: int = 32) -> float:
-        ids, embeds = self.rt.prompt([{"role": "user", "content": req.question}], list(req.images))
-        res = self.rt.generate(ids, embeds, max_new_tokens=n_tokens, ignore_stop=True)
+        ids, embeds = self._prompt(req)
+        res = self.lm.generate(ids, embeds, max_new_tokens=n_tokens, ignore_stop=True)
         return len(res.tokens) / max(res.timings["decode_s"], 1e-9)
 
     def close(self) -> None:
-        self.rt.close()
+        self.lm.close()
 
 
 def open_backend(artifact: Artifact, *, n_ctx: int = 4096, runtime: RuntimeOptions | None = None) -> Backend:

@@ -34,10 +34,10 @@ from typing import Any
 from tqdm import tqdm
 
 from r1v_quant.evaluate.answers import boxed_answer, extract_answer, final_answer, is_correct
+from r1v_quant.evaluate.backend_protocol import Backend, GenRequest
 from r1v_quant.evaluate.backends import greedy
 from r1v_quant.evaluate.bench_sets import BenchItem, BenchSet
 from r1v_quant.evaluate.stats_tests import Z_80, Z_95, paired_delta
-from r1v_quant.runtime.backend import Backend, GenRequest
 from r1v_quant.runtime.decoding import Decoding
 
 PASS, FAIL, UNRESOLVED = "PASS", "FAIL", "UNRESOLVED"

@@ -25,8 +25,8 @@ from r1v_quant.evaluate.bench import PASS, SYNTHETIC_NOTE, bench_report, bench_r
 from r1v_quant.evaluate.bench_sets import BenchSet
 from r1v_quant.evaluate.ppl import WindowSpec, build_windows, evaluate_models, ppl_report
 from r1v_quant.model.artifact import Artifact
-from r1v_quant.runtime.backend import RuntimeOptions
 from r1v_quant.runtime.decoding import Decoding, resolve_decoding
+from r1v_quant.runtime.options import RuntimeOptions
 from r1v_quant.util.atomic import atomic_dir
 
 REPORT_FILES = ("report.md", "report.json", "quality_vs_size.png")

@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from r1v_quant.data.evalset import Window, heldout_windows, text_windows, window_targets
+from r1v_quant.evaluate.backend_protocol import Backend
 from r1v_quant.evaluate.metrics import concat_stats, summarize, token_stats
 from r1v_quant.model.artifact import Artifact
-from r1v_quant.runtime.backend import Backend, RuntimeOptions
+from r1v_quant.runtime.options import RuntimeOptions
 from r1v_quant.util.errors import R1VError
 
 REF_F32_LIMIT = 4 * 1024**3  # bytes of stored reference log-probs above which float16 is used

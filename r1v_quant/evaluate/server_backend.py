@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from r1v_quant.evaluate.backend_protocol import Generation, GenRequest, OnDone
 from r1v_quant.model.artifact import Artifact
 from r1v_quant.model.preprocess import ImageSource, open_image
 from r1v_quant.model.prompts import IMAGE_PLACEHOLDER, THINK_END
-from r1v_quant.runtime.backend import Generation, GenRequest, OnDone
 from r1v_quant.runtime.decoding import Decoding
 from r1v_quant.util.errors import R1VError
 

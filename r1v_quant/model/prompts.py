@@ -304,6 +304,19 @@ def build_prompt(
     return "".join(parts)
 
 
+def place_images(text: str, n_images: int) -> str:
+    """A user turn with one ``<image>`` per attached image: without any tag the images go before the text
+    (InternVL's rule), otherwise the tags must match the images one to one."""
+    tags = text.count(IMAGE_PLACEHOLDER)
+    if tags == 0:
+        return f"{IMAGE_PLACEHOLDER}\n" * n_images + text
+    if tags != n_images:
+        raise R1VError(
+            f"the message has {tags} {IMAGE_PLACEHOLDER} tag(s) but {n_images} image(s) are attached"
+        )
+    return text
+
+
 def expand_image_tokens(
     prompt: str, tiles_per_image: Sequence[int], tokens_per_tile: int = TOKENS_PER_TILE
 ) -> str:

@@ -7,6 +7,10 @@ model's), the worker records its resident memory as the baseline, resets the ker
 prefill, decode. With CUDA it also reads torch.cuda.max_memory_allocated per phase (not tested here: no
 GPU on this machine).
 
+The model runs through the runtime protocol's engines (r1v_quant.runtime.engines), exactly as chat and
+eval run it: `vision.encode(image)` (preprocessing included) then `lm.generate(...)` for exactly
+--gen-tokens tokens, the first token marking the end of the prefill.
+
 The request comes as JSON on stdin; the result is one JSON line on stdout.
 """
 
@@ -139,27 +143,11 @@ def sized_prompt(
     return text(lo), ids
 
 
-def count_tiles(image_path: str | None, spec_tiling: dict[str, Any]) -> int:
-    if not image_path:
-        return 0
-    from r1v_quant.model.preprocess import find_grid, open_image
-
-    img = open_image(image_path)
-    if not spec_tiling["dynamic"]:
-        return 1
-    cols, rows = find_grid(
-        img.width, img.height, min_num=spec_tiling["min"], max_num=spec_tiling["max"],
-        image_size=spec_tiling["size"],
-    )  # fmt: skip
-    n = cols * rows
-    return n + (1 if spec_tiling["thumbnail"] and n > 1 else 0)
-
-
 def _now() -> float:
     return time.perf_counter()
 
 
-# -- torch backend -----------------------------------------------------------------------------------------
+# -- warm-ups: torch ----------------------------------------------------------------------------------------
 def _toy_spec(spec: Any) -> Any:
     """The same architecture at toy width: 1 ViT layer x 64, 1 decoder layer x 64 (2 heads / 1 KV head)."""
     v = replace(spec.vision, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
@@ -193,122 +181,7 @@ def warm_up_torch(spec: Any, device: str, dtype: Any) -> None:
     gc.collect()
 
 
-def run_torch(req: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from r1v_quant.model.checkpoint import open_checkpoint
-    from r1v_quant.model.llm import KVCache
-    from r1v_quant.model.preprocess import expand_image_placeholders, preprocess_for_spec
-    from r1v_quant.model.prompts import build_prompt
-    from r1v_quant.model.reference import R1VModel
-    from r1v_quant.model.tokenizer import R1VTokenizer
-
-    device = req["device"]
-    if req.get("threads"):
-        torch.set_num_threads(req["threads"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[req["dtype"]]
-    cuda = device == "cuda"
-    ckpt = open_checkpoint(req["path"])
-    spec = ckpt.spec
-    tok = R1VTokenizer.from_dir(req["path"])
-    tiling = {
-        "dynamic": spec.dynamic_image_size, "min": spec.min_dynamic_patch, "max": spec.max_dynamic_patch,
-        "size": spec.force_image_size, "thumbnail": spec.use_thumbnail,
-    }  # fmt: skip
-    tiles = count_tiles(req.get("image"), tiling)
-
-    def render(question: str) -> str:
-        content = ("<image>\n" if tiles else "") + question
-        text = build_prompt(spec.flavor, [{"role": "user", "content": content}], think=True)
-        return expand_image_placeholders(text, [tiles] if tiles else [], spec.num_image_token)
-
-    _, ids_list = sized_prompt(render, tok.encode, req["prompt_tokens"])
-    warm_up_torch(spec, device, dtype)
-    if tiles:  # first use of the image libraries (decoders, resampling) is the runtime's, not the model's
-        preprocess_for_spec(req["image"], spec)
-    onnx = None
-    if req.get("onnx_vision"):
-        from r1v_quant.runtime.onnx import OnnxVisionEncoder  # imported before the baseline
-    mem = MemoryProbe(cuda)
-    mem.start()
-
-    t0 = _now()
-    model = R1VModel.from_checkpoint(ckpt, dtype=dtype)
-    if req.get("onnx_vision"):
-        threads = req.get("threads") or 0
-        onnx = OnnxVisionEncoder(req["onnx_vision"], provider=device, threads=threads, strict=True)
-        del model.vision_model, model.mlp1  # the ONNX session replaces the torch tower
-        gc.collect()
-    model = model.to(device)
-    if cuda:
-        torch.cuda.synchronize()
-    load_s = _now() - t0
-    mem.phase("load")
-
-    lm = model.language_model
-    gen = req["gen_tokens"]
-    with torch.no_grad(), torch.device(device):
-        t_req = _now()
-        pixels = None
-        if tiles:
-            pixels = preprocess_for_spec(req["image"], spec).pixel_values
-        ids = torch.tensor([ids_list], device=device)
-        t_pre = _now()
-        emb = None
-        if pixels is not None:
-            if onnx is not None:
-                emb = torch.from_numpy(onnx.encode(pixels.numpy())).to(device=device, dtype=dtype)
-            else:
-                emb = model.image_embeds(pixels.to(device=device, dtype=dtype))
-            if cuda:
-                torch.cuda.synchronize()
-        t_vis = _now()
-        del pixels
-        mem.phase("vision")
-
-        embeds = model.embed(ids, image_embeds=emb)
-        del emb
-        cache = KVCache(spec.llm.num_layers)
-        hidden = lm.forward_embeds(embeds, cache)
-        nxt = int(lm.logits(hidden[:, -1]).argmax(-1)[0])
-        if cuda:
-            torch.cuda.synchronize()
-        t_first = _now()
-        del embeds, hidden
-        mem.phase("prefill")
-
-        out = [nxt]
-        for _ in range(gen - 1):  # a fixed number of tokens: stop tokens are not honoured here
-            h = lm.forward_embeds(lm.model.embed_tokens(torch.tensor([[out[-1]]], device=device)), cache)
-            out.append(int(lm.logits(h[:, -1]).argmax(-1)[0]))
-        if cuda:
-            torch.cuda.synchronize()
-        t_end = _now()
-        mem.phase("decode")
-
-    n_prompt = len(ids_list)
-    return {
-        "load_s": load_s,
-        "preprocess_s": t_pre - t_req,
-        "vision_s": (t_vis - t_pre) if tiles else None,
-        "vision_ms_per_tile": (t_vis - t_pre) * 1000 / tiles if tiles else None,
-        "prefill_s": t_first - t_vis,
-        "ttft_s": t_first - t_req,
-        "prefill_tokens_per_s": n_prompt / (t_first - t_vis),
-        "decode_s": t_end - t_first,
-        "decode_tokens_per_s": (gen - 1) / (t_end - t_first) if gen > 1 else None,
-        "prompt_tokens": n_prompt,
-        "image_tiles": tiles,
-        "gen_tokens": len(out),
-        "ctx_used": n_prompt + len(out),
-        "vision_runtime": "onnx" if onnx is not None else "torch",
-        "onnx": onnx.report() if onnx is not None else None,
-        "threads": torch.get_num_threads(),
-        **mem.report(),
-    }
-
-
-# -- llama.cpp backend -------------------------------------------------------------------------------------
+# -- warm-ups: llama.cpp ------------------------------------------------------------------------------------
 def _vram_used() -> int | None:
     """Device-wide used GPU memory (llama.cpp allocates outside torch, so max_memory_allocated is blind)."""
     try:
@@ -384,80 +257,92 @@ def warm_up_llamacpp(threads: int | None, vision: bool) -> None:
     gc.collect()
 
 
-def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
+# -- the measured run --------------------------------------------------------------------------------------
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-    from r1v_quant.model.artifact import find_gguf_pair
+
+def run(req: dict[str, Any]) -> dict[str, Any]:
+    """Warm up, then open the engines (r1v_quant.runtime.engines) and measure load, vision, prefill and
+    decode: the same steps for every backend; only the warm-up and a few report fields differ."""
     from r1v_quant.model.preprocess import expand_image_placeholders
     from r1v_quant.model.prompts import build_prompt
-    from r1v_quant.runtime.llamacpp import LlamaCppRuntime, mmproj_tiling
+    from r1v_quant.runtime.engines import open_engines
+    from r1v_quant.runtime.options import RuntimeOptions
 
-    llm, mmproj = find_gguf_pair(req["path"])
-    if req.get("mmproj"):
-        mmproj = Path(req["mmproj"])
-    onnx = None
-    if req.get("onnx_vision"):
-        mmproj = None  # the ONNX session replaces libmtmd
-    tiling: dict[str, Any] | None = None
-    if mmproj is not None:
-        t = mmproj_tiling(mmproj)
-        import gguf
+    backend, device = req["backend"], req["device"]
+    on_torch = backend == "torch"
+    threads = req.get("threads") or None
+    onnx_dir = req.get("onnx_vision")
+    image = req.get("image")
+    if on_torch:
+        import torch
 
-        size = gguf.GGUFReader(mmproj).get_field("clip.vision.image_size").contents()
-        tiling = {"dynamic": t["dynamic"], "min": t["min_num"], "max": t["max_num"], "size": int(size),
-                  "thumbnail": t["use_thumbnail"]}  # fmt: skip
-    elif req.get("onnx_vision"):
-        from r1v_quant.runtime.onnx import PREPROCESSING_NAME, read_json
+        from r1v_quant.model.checkpoint import open_checkpoint
+        from r1v_quant.model.preprocess import preprocess_for_spec
 
-        pp = read_json(Path(req["onnx_vision"]) / PREPROCESSING_NAME).get("tiling", {})
-        tiling = {"dynamic": bool(pp.get("dynamic", True)), "min": int(pp.get("min_tiles", 1)),
-                  "max": int(pp.get("max_tiles", 12)), "size": 448,
-                  "thumbnail": bool(pp.get("use_thumbnail", True))}  # fmt: skip
-    image = req.get("image") if tiling else None
-    tiles = count_tiles(image, tiling) if tiling else 0
-    cuda = req["device"] == "cuda"
+        if threads:
+            torch.set_num_threads(threads)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[req["dtype"]]
+        spec = open_checkpoint(req["path"]).spec
+        warm_up_torch(spec, device, dtype)
+        if image:  # first use of the image libraries (decoders, resampling) is the runtime's, not the model's
+            preprocess_for_spec(image, spec)
+        gguf, model, mmproj = None, Path(req["path"]), None
+    else:
+        from r1v_quant.model.artifact import find_gguf_pair
 
-    warm_up_llamacpp(req.get("threads"), bool(tiles and mmproj is not None))
-    mem = MemoryProbe(False)
+        llm, found = find_gguf_pair(req["path"])
+        mmproj = None if onnx_dir else (Path(req["mmproj"]) if req.get("mmproj") else found)
+        warm_up_llamacpp(threads, bool(image and mmproj is not None))
+        gguf, model = llm, None
+    if onnx_dir:
+        from r1v_quant.runtime.onnx import OnnxVisionEncoder  # noqa: F401  (imported before the baseline)
+    cuda = device == "cuda"
+
+    def sync() -> None:
+        if on_torch and cuda:
+            torch.cuda.synchronize()
+
+    mem = MemoryProbe(cuda and on_torch)  # llama.cpp allocates outside torch: device-wide readings instead
     mem.start()
-    vram0 = _vram_used() if cuda else None
-    t0 = _now()
-    rt = LlamaCppRuntime(
-        llm, mmproj, n_ctx=req["ctx"], n_threads=req.get("threads") or None, n_gpu_layers=999 if cuda else 0
+    vram0 = _vram_used() if cuda and not on_torch else None
+    options = RuntimeOptions(
+        n_threads=threads,
+        n_gpu_layers=999 if cuda else 0,
+        torch_device=device,
+        torch_dtype=DTYPES[req.get("dtype") or "fp32"],
     )
-    if mmproj is not None and tiles:
-        rt.vision  # noqa: B018 - loads the mmproj now, so its time and memory count as loading
-    if req.get("onnx_vision"):
-        from r1v_quant.runtime.onnx import OnnxVisionEncoder
-
-        onnx = OnnxVisionEncoder(
-            req["onnx_vision"], provider=req["device"], threads=req.get("threads") or 0, strict=True
-        )
+    t0 = _now()
+    lm, vision = open_engines(
+        gguf=gguf, mmproj=mmproj, model=model, vision_onnx=Path(onnx_dir) if onnx_dir else None,
+        options=options, n_ctx=req.get("ctx"), onnx_provider=device,
+    )  # fmt: skip
+    if image and vision is not None and hasattr(vision, "load"):
+        vision.load()  # an mmproj loads on first use: its time and memory count as loading
+    sync()
     load_s = _now() - t0
     mem.phase("load")
-    vram_load = _vram_used() if cuda else None
+    vram_load = _vram_used() if vram0 is not None else None
+
+    tiles, rows, vision_s = 0, None, None
+    if image and vision is not None:
+        t_req = _now()
+        embeds = vision.encode(image)  # preprocessing included: it is part of answering a request
+        sync()
+        vision_s = _now() - t_req
+        tiles, rows = embeds.tiles, embeds.rows
+    mem.phase("vision")
 
     def render(question: str) -> str:
         content = ("<image>\n" if tiles else "") + question
-        text = build_prompt(rt.flavor, [{"role": "user", "content": content}], think=True)
-        return expand_image_placeholders(text, [tiles] if tiles else [], 256)
+        text = build_prompt(lm.flavor, [{"role": "user", "content": content}], think=True)
+        per_tile = rows.shape[0] // tiles if rows is not None else 1
+        return expand_image_placeholders(text, [tiles] if tiles else [], per_tile)
 
-    _, ids = sized_prompt(render, rt.tokenize, req["prompt_tokens"])
+    _, ids = sized_prompt(render, lm.tokenize, req["prompt_tokens"])
     gen = req["gen_tokens"]
-    if len(ids) + gen > rt.n_ctx:
-        raise ValueError(f"{len(ids)} prompt + {gen} generated tokens exceed --ctx {rt.n_ctx}")
-
-    t_req = _now()
-    emb = None
-    if tiles:
-        if onnx is not None:
-            e, _ = onnx.encode_image(image)
-            emb = np.ascontiguousarray(e.reshape(-1, e.shape[-1]), dtype=np.float32)
-        else:
-            emb = rt.image_embeds(image)
-    t_vis = _now()
-    mem.phase("vision")
-
+    if len(ids) + gen > lm.n_ctx:
+        raise ValueError(f"{len(ids)} prompt + {gen} generated tokens exceed --ctx {lm.n_ctx}")
     first: list[float] = []
 
     def on_token(_: int) -> None:
@@ -465,19 +350,20 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
             first.append(_now())
             mem.phase("prefill")
 
-    # profiling decodes exactly --gen-tokens tokens
-    res = rt.generate(ids, emb, max_new_tokens=gen, on_token=on_token, ignore_stop=True)
+    t_gen = _now()
+    res = lm.generate(ids, rows, max_new_tokens=gen, on_token=on_token, ignore_stop=True)  # exactly gen
+    sync()
     mem.phase("decode")
-    vram_end = _vram_used() if cuda else None
+    vram_end = _vram_used() if vram0 is not None else None
     tm = res.timings
     n_gen = int(tm["n_gen"])
+    runtime = "onnx" if onnx_dir else ("torch" if on_torch else "llama.cpp mmproj")
     out = {
         "load_s": load_s,
-        "preprocess_s": None,
-        "vision_s": (t_vis - t_req) if tiles else None,
-        "vision_ms_per_tile": (t_vis - t_req) * 1000 / tiles if tiles else None,
+        "vision_s": vision_s,
+        "vision_ms_per_tile": vision_s * 1000 / tiles if vision_s is not None and tiles else None,
         "prefill_s": tm["prompt_s"],
-        "ttft_s": first[0] - t_req if first else None,
+        "ttft_s": (vision_s or 0.0) + first[0] - t_gen if first else None,
         "prefill_tokens_per_s": tm["n_prompt"] / tm["prompt_s"],
         "decode_s": tm["decode_s"],
         "decode_tokens_per_s": n_gen / tm["decode_s"] if n_gen else None,
@@ -485,32 +371,26 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
         "image_tiles": tiles,
         "gen_tokens": n_gen,
         "ctx_used": len(ids) + n_gen,
-        "n_ctx": rt.n_ctx,
-        "n_ubatch": rt.n_batch,
-        "vision_runtime": "onnx" if onnx is not None else ("llama.cpp mmproj" if tiles else None),
-        "onnx": onnx.report() if onnx is not None else None,
-        "threads": rt.n_threads,
+        "vision_runtime": runtime if tiles else None,
+        "onnx": vision.encoder.report() if onnx_dir and vision is not None else None,
+        "threads": torch.get_num_threads() if on_torch else lm.rt.n_threads,
         **mem.report(),
     }
-    if cuda:
+    if not on_torch:
+        out["n_ctx"], out["n_ubatch"] = lm.n_ctx, lm.rt.n_batch
+    if vram0 is not None:
         out["vram_used"] = {"before": vram0, "after_load": vram_load, "end": vram_end}
-        if vram0 is not None and vram_end is not None:
+        if vram_end is not None:
             out["peak_vram"] = max(vram_load or 0, vram_end) - vram0
-    rt.close()
+    lm.close()
     return out
-
-
-BACKENDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "torch": run_torch,
-    "llama.cpp": run_llamacpp,
-}
 
 
 def main() -> None:
     req = json.loads(sys.stdin.read())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        result = BACKENDS[req["backend"]](req)
+        result = run(req)
         print(json.dumps({"ok": True, "result": result}))
     except Exception as e:  # reported to the parent as one line; it decides how to surface it
         print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))

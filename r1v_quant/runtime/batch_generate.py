@@ -7,7 +7,7 @@ and then decoded one token per step for every unfinished row:
 - the cache holds keys/values for the whole batch in tensors allocated in chunks (grown by doubling, not
   concatenated every step), so a step writes one column;
 - each row has its own positions (padding does not shift RoPE) and a mask that hides its padding;
-- each row samples with its own seeded generator through `r1v_quant.runtime.llamacpp.sample_tokens`' rules
+- each row samples with its own seeded generator through `r1v_quant.runtime.sampling.sample_tokens`' rules
   (`sample_token`), so a batched answer equals the answer the row would get alone.
 
 The layer arithmetic is the reference decoder's (`r1v_quant.model.llm`), applied to a whole batch with
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from r1v_quant.model.llm import apply_rope, rope_cos_sin
-from r1v_quant.runtime.llamacpp import RuntimeResult, sample_token
+from r1v_quant.runtime.sampling import RuntimeResult, sample_token
 
 CHUNK = 512  # cache columns added at a time (and at least what the prompts need)
 

@@ -21,26 +21,20 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from r1v_quant.model.preprocess import ImageSource, expand_image_placeholders, open_image
-from r1v_quant.model.prompts import CHAT_FORMATS, IMAGE_PLACEHOLDER, IMG_CONTEXT, build_prompt
+from r1v_quant.model.preprocess import ImageSource, open_image
+from r1v_quant.model.prompts import CHAT_FORMATS, IMG_CONTEXT
 from r1v_quant.runtime.gguf_lib import Closeable, free_handle, llama_log
+from r1v_quant.runtime.protocol import ImageEmbeds, conversation_ids, with_images
+from r1v_quant.runtime.sampling import RuntimeResult, sample_tokens
 from r1v_quant.util.errors import R1VError
 
 FLAVOR_KEY = "r1v_quant.flavor"  # written by exporters.gguf_llm
-
-
-@dataclass
-class RuntimeResult:
-    tokens: list[int] = field(default_factory=list)
-    stopped: bool = False  # False: max_new_tokens cut the answer off
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _import_llama() -> Any:
@@ -314,25 +308,13 @@ class LlamaCppRuntime(Closeable):
         *,
         think: bool = True,
     ) -> tuple[list[int], np.ndarray | None]:
-        """The flavour's prompt with each `<image>` expanded to its tiles' `<IMG_CONTEXT>` run.
-
-        Images are matched to `<image>` tags in order over all messages; without any tag, the images go
-        before the last user message's text (as `build_inputs` does for the torch model).
-        """
-        msgs = [dict(m) for m in messages]
-        tags = sum(str(m["content"]).count(IMAGE_PLACEHOLDER) for m in msgs)
-        if images and tags == 0:
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-            msgs[last]["content"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + str(msgs[last]["content"])
-        elif tags != len(images):
-            raise R1VError(
-                f"the conversation has {tags} <image> tag(s) but {len(images)} image(s) were given"
-            )
-        embeds = [self.image_embeds(im) for im in images]
-        per_tile = self.tokens_per_tile if embeds else 1
-        text = build_prompt(self.flavor, msgs, think=think)
-        text = expand_image_placeholders(text, [e.shape[0] // per_tile for e in embeds], per_tile)
-        return self.tokenize(text), (np.concatenate(embeds) if embeds else None)
+        """The flavour's prompt with each `<image>` expanded to its tiles' `<IMG_CONTEXT>` run, and the image
+        rows (r1v_quant.runtime.protocol's rules: images without any tag go before the last user message)."""
+        msgs = with_images(messages, len(images))
+        per_tile = self.tokens_per_tile if images else 1
+        embeds = [ImageEmbeds(e, e.shape[0] // per_tile) for e in map(self.image_embeds, images)]
+        ids = conversation_ids(self.flavor, msgs, embeds, self.tokenize, think=think)
+        return ids, (np.concatenate([e.rows for e in embeds]) if embeds else None)
 
     # -- decoding ---------------------------------------------------------------------------------------
     def _keys_for(self, ids: Sequence[int], embeds: np.ndarray | None) -> list[Any]:
@@ -481,79 +463,6 @@ class LlamaCppRuntime(Closeable):
             "vision_s": self.vision_seconds,
         }
         return result
-
-
-def sample_token(
-    logits: np.ndarray,
-    temperature: float,
-    top_p: float,
-    rng: np.random.Generator,
-    *,
-    penalty: float = 1.0,
-    seen: np.ndarray | None = None,
-) -> int:
-    """One token: repetition penalty on the `seen` ids (a positive logit divided by `penalty`, a negative
-    one multiplied, as transformers and vLLM do), then temperature and top-p; greedy at temperature 0."""
-    if penalty != 1.0 and seen is not None:
-        logits = logits.copy()
-        hit = logits[seen]
-        logits[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p)
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
-    return int(rng.choice(len(p), p=p))
-
-
-def sample_tokens(
-    logits: np.ndarray,
-    feed: Callable[[int], np.ndarray | None],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    stop_ids: Collection[int],
-    on_token: Callable[[int], Any] | None,
-    repetition_penalty: float = 1.0,
-    prompt_ids: Sequence[int] = (),
-) -> RuntimeResult:
-    """Sample up to `max_new_tokens` from the prompt's last-position `logits` on.
-
-    `feed(token)` decodes an accepted token and returns the next logits, or None when the context is full
-    (the result is then not `stopped`). A stop token ends the answer and is never fed. The llama.cpp and
-    torch engines share this loop so that they stop, stream and count tokens alike. The repetition penalty
-    covers the prompt's ids and every generated one.
-    """
-    rng = np.random.default_rng(seed)
-    result = RuntimeResult()
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = np.zeros(len(logits), dtype=bool)
-        ids = np.asarray(prompt_ids, dtype=np.int64)
-        seen[ids[(ids >= 0) & (ids < len(seen))]] = True
-    for _ in range(max_new_tokens):
-        nxt = sample_token(logits, temperature, top_p, rng, penalty=repetition_penalty, seen=seen)
-        if nxt in stop_ids:
-            result.stopped = True
-            break
-        result.tokens.append(nxt)
-        if seen is not None:
-            seen[nxt] = True
-        if on_token is not None:
-            on_token(nxt)
-        next_logits = feed(nxt)
-        if next_logits is None:
-            break  # context full
-        logits = next_logits
-    return result
 
 
 def mmproj_tiling(path: Path) -> dict[str, Any]:
