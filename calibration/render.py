@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from r1v_quant.calibration.dataset import CalibrationSet, Sample
-from r1v_quant.model.preprocess import PreprocessedImage, expand_image_placeholders, preprocess_for_spec
-from r1v_quant.model.prompts import IMAGE_PLACEHOLDER, build_prompt
+from r1v_quant.model.preprocess import PreprocessedImage, preprocess_for_spec
+from r1v_quant.model.prompts import IMAGE_PLACEHOLDER, build_prompt, expand_image_tokens
 from r1v_quant.model.spec import ModelSpec
 from r1v_quant.model.tokenizer import R1VTokenizer
 from r1v_quant.util.errors import R1VError
@@ -103,13 +103,13 @@ class Renderer:
         if keys and self.ctx_id is None:
             raise R1VError("the tokenizer has no <IMG_CONTEXT> token, so images cannot be placed")
         nit = self.spec.num_image_token
-        text = expand_image_placeholders(full, tiles, nit)
+        text = expand_image_tokens(full, tiles, nit)
         enc = self.tok.backend.encode(text, add_special_tokens=False)
         ids = torch.tensor(enc.ids, dtype=torch.int64)
         modality = torch.full((len(enc.ids),), PROMPT, dtype=torch.uint8)
         if prefix is not None:
             # Response = tokens starting at or after the first character of the final assistant content.
-            start = len(expand_image_placeholders(prefix, tiles, nit))
+            start = len(expand_image_tokens(prefix, tiles, nit))
             starts = torch.tensor([o[0] for o in enc.offsets], dtype=torch.int64)
             modality[starts >= start] = RESPONSE
         runs: list[tuple[int, int]] = []

@@ -14,18 +14,20 @@ from PIL import Image
 from r1v_quant.model.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    IMG_CONTEXT,
-    IMG_END,
-    IMG_START,
     PreprocessedImage,
     dynamic_tiles,
-    expand_image_placeholders,
     find_grid,
-    image_placeholder,
     open_image,
     preprocess_image,
     target_ratios,
     to_tensor,
+)
+from r1v_quant.model.prompts import (
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    expand_image_tokens,
+    image_placeholder,
 )
 from r1v_quant.util.errors import R1VError
 
@@ -433,26 +435,26 @@ def test_image_placeholder() -> None:
     thirteen = image_placeholder(13)
     assert thirteen.startswith("<img><IMG_CONTEXT>") and thirteen.endswith("<IMG_CONTEXT></img>")
     assert thirteen.count("<IMG_CONTEXT>") == 3328
-    assert image_placeholder(3, num_image_token=2) == "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
+    assert image_placeholder(3, tokens_per_tile=2) == "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
     with pytest.raises(R1VError):
         image_placeholder(0)
 
 
-def test_expand_image_placeholders() -> None:
+def test_expand_image_tokens() -> None:
     text = "A: <image>\nB: <image>\nCompare."
-    out = expand_image_placeholders(text, [2, 1], num_image_token=3)
+    out = expand_image_tokens(text, [2, 1], tokens_per_tile=3)
     assert out == (
         "A: <img>" + "<IMG_CONTEXT>" * 6 + "</img>\nB: <img>" + "<IMG_CONTEXT>" * 3 + "</img>\nCompare."
     )
     assert "<image>" not in out
-    assert expand_image_placeholders("no images", []) == "no images"
-    full = expand_image_placeholders("<image>", [13])
+    assert expand_image_tokens("no images", []) == "no images"
+    full = expand_image_tokens("<image>", [13])
     assert full == image_placeholder(13) and full.count(IMG_CONTEXT) == 3328
 
 
 @pytest.mark.parametrize(("text", "tiles"), [("<image> and <image>", [1]), ("<image>", []), ("plain", [1])])
 def test_expand_count_mismatch(text: str, tiles: list[int]) -> None:
     with pytest.raises(R1VError) as err:
-        expand_image_placeholders(text, tiles)
+        expand_image_tokens(text, tiles)
     msg = _one_line(err)
     assert f"{text.count('<image>')} <image>" in msg and f"{len(tiles)} image" in msg

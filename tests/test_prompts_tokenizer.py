@@ -186,7 +186,7 @@ def test_expand_image_tokens() -> None:
     out = expand_image_tokens("<image>\n<image>\nQ", [2, 1], tokens_per_tile=3)
     assert out == "<img>" + "<IMG_CONTEXT>" * 6 + "</img>\n<img>" + "<IMG_CONTEXT>" * 3 + "</img>\nQ"
     assert expand_image_tokens(Q, [1]).count(IMG_CONTEXT) == 256
-    with pytest.raises(R1VError, match="placeholder"):
+    with pytest.raises(R1VError, match="1 <image> tag"):
         expand_image_tokens(Q, [1, 1])
 
 

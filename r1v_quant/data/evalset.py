@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from r1v_quant.data.synthdata import image_problems, text_problems
-from r1v_quant.model.preprocess import expand_image_placeholders, preprocess_for_spec
-from r1v_quant.model.prompts import build_prompt
+from r1v_quant.model.preprocess import preprocess_for_spec
+from r1v_quant.model.prompts import build_prompt, expand_image_tokens
 from r1v_quant.model.spec import ModelSpec
 from r1v_quant.model.tokenizer import R1VTokenizer
 from r1v_quant.util.errors import R1VError
@@ -52,7 +52,7 @@ def heldout_windows(
         images: list[Any] | None = None,
     ) -> Window:
         prompt = build_prompt(spec.flavor, [{"role": "user", "content": question}])
-        prompt = expand_image_placeholders(prompt, tiles, spec.num_image_token)
+        prompt = expand_image_tokens(prompt, tiles, spec.num_image_token)
         p_ids, r_ids = tok.encode(prompt), tok.encode(response)
         ids = torch.tensor(p_ids + r_ids)
         score = torch.zeros(len(ids), dtype=torch.bool)

@@ -32,15 +32,9 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "IMG_CONTEXT",
-    "IMG_END",
-    "IMG_START",
-    "IMAGE_TAG",
     "PreprocessedImage",
     "dynamic_tiles",
-    "expand_image_placeholders",
     "find_grid",
-    "image_placeholder",
     "open_image",
     "preprocess_image",
     "target_ratios",
@@ -50,10 +44,6 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-IMG_START = "<img>"
-IMG_END = "</img>"
-IMG_CONTEXT = "<IMG_CONTEXT>"
-IMAGE_TAG = "<image>"
 
 # float32 constants, shaped for (3, H, W): torchvision's Normalize casts mean/std to the tensor dtype.
 _MEAN32 = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
@@ -256,29 +246,3 @@ def preprocess_for_spec(
         use_thumbnail=spec.use_thumbnail,
         dynamic=spec.dynamic_image_size,
     )
-
-
-def image_placeholder(num_tiles: int, num_image_token: int = 256) -> str:
-    """The text an ``<image>`` tag expands to: ``<img>`` + ``<IMG_CONTEXT>`` x (256 * tiles) + ``</img>``."""
-    if num_tiles < 1:
-        raise R1VError(f"an image needs at least one tile, got num_tiles={num_tiles}")
-    if num_image_token < 1:
-        raise R1VError(f"num_image_token must be positive, got {num_image_token}")
-    return IMG_START + IMG_CONTEXT * (num_image_token * num_tiles) + IMG_END
-
-
-def expand_image_placeholders(text: str, tiles_per_image: list[int], num_image_token: int = 256) -> str:
-    """Replace the k-th ``<image>`` in ``text`` with the placeholder for ``tiles_per_image[k]`` tiles."""
-    # Splitting first means an expanded placeholder can never be mistaken for another tag.
-    parts = text.split(IMAGE_TAG)
-    found = len(parts) - 1
-    if found != len(tiles_per_image):
-        raise R1VError(
-            f"prompt has {found} {IMAGE_TAG} tag(s) but {len(tiles_per_image)} image(s) were given; "
-            "they must match one to one"
-        )
-    out = [parts[0]]
-    for tiles, part in zip(tiles_per_image, parts[1:], strict=True):
-        out.append(image_placeholder(tiles, num_image_token))
-        out.append(part)
-    return "".join(out)

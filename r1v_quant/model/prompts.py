@@ -317,21 +317,29 @@ def place_images(text: str, n_images: int) -> str:
     return text
 
 
+def image_placeholder(num_tiles: int, tokens_per_tile: int = TOKENS_PER_TILE) -> str:
+    """The text an ``<image>`` tag expands to: ``<img>`` + ``<IMG_CONTEXT>``×(tiles·256) + ``</img>``."""
+    if num_tiles < 1:
+        raise R1VError(f"an image needs at least one tile, got {num_tiles}")
+    if tokens_per_tile < 1:
+        raise R1VError(f"tokens per tile must be positive, got {tokens_per_tile}")
+    return IMG_START + IMG_CONTEXT * (num_tiles * tokens_per_tile) + IMG_END
+
+
 def expand_image_tokens(
     prompt: str, tiles_per_image: Sequence[int], tokens_per_tile: int = TOKENS_PER_TILE
 ) -> str:
-    """Replace each ``<image>``, in order, by ``<img>`` + ``<IMG_CONTEXT>``×(tiles·256) + ``</img>``."""
+    """Replace each ``<image>``, in order, by its tiles' placeholder (`image_placeholder`). Splitting first
+    means an expanded placeholder can never be mistaken for another tag."""
     pieces = prompt.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != len(tiles_per_image):
         raise R1VError(
-            f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles_per_image)} "
-            "image(s) were given"
+            f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} tag(s) but {len(tiles_per_image)} "
+            "image(s) were given; they must match one to one"
         )
     out = [pieces[0]]
     for tiles, rest in zip(tiles_per_image, pieces[1:], strict=True):
-        if tiles < 1:
-            raise R1VError(f"an image needs at least one tile, got {tiles}")
-        out += [IMG_START, IMG_CONTEXT * (tiles * tokens_per_tile), IMG_END, rest]
+        out += [image_placeholder(tiles, tokens_per_tile), rest]
     return "".join(out)
 
 

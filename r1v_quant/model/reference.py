@@ -148,8 +148,8 @@ def build_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Prompt in the flavour's template with each `<image>` expanded to its tiles' <IMG_CONTEXT> run
     (`max_tiles` overrides the checkpoint's tile cap)."""
-    from r1v_quant.model.preprocess import expand_image_placeholders, preprocess_for_spec
-    from r1v_quant.model.prompts import build_prompt
+    from r1v_quant.model.preprocess import preprocess_for_spec
+    from r1v_quant.model.prompts import build_prompt, expand_image_tokens
     from r1v_quant.model.tokenizer import R1VTokenizer
 
     tok = R1VTokenizer.from_dir(model_dir)
@@ -160,7 +160,7 @@ def build_inputs(
         {"role": "user", "content": question}
     ]
     text = build_prompt(spec.flavor, messages, think=think)
-    text = expand_image_placeholders(text, [p.num_tiles for p in prepped], spec.num_image_token)
+    text = expand_image_tokens(text, [p.num_tiles for p in prepped], spec.num_image_token)
     ids = torch.tensor([tok.encode(text)])
     pixels = torch.cat([p.pixel_values for p in prepped]) if prepped else None
     return ids, pixels, text

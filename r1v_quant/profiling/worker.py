@@ -264,8 +264,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def run(req: dict[str, Any]) -> dict[str, Any]:
     """Warm up, then open the engines (r1v_quant.runtime.engines) and measure load, vision, prefill and
     decode: the same steps for every backend; only the warm-up and a few report fields differ."""
-    from r1v_quant.model.preprocess import expand_image_placeholders
-    from r1v_quant.model.prompts import build_prompt
+    from r1v_quant.model.prompts import build_prompt, expand_image_tokens
     from r1v_quant.runtime.engines import open_engines
     from r1v_quant.runtime.options import RuntimeOptions
 
@@ -337,7 +336,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         content = ("<image>\n" if tiles else "") + question
         text = build_prompt(lm.flavor, [{"role": "user", "content": content}], think=True)
         per_tile = rows.shape[0] // tiles if rows is not None else 1
-        return expand_image_placeholders(text, [tiles] if tiles else [], per_tile)
+        return expand_image_tokens(text, [tiles] if tiles else [], per_tile)
 
     _, ids = sized_prompt(render, lm.tokenize, req["prompt_tokens"])
     gen = req["gen_tokens"]

@@ -72,8 +72,7 @@ class Encoder:
     """Prompt + response -> token ids in the flavour's template, with the image expanded to its tiles."""
 
     def __init__(self, model_dir: Path, flavor: str, num_image_token: int):
-        from r1v_quant.model.preprocess import image_placeholder
-        from r1v_quant.model.prompts import CHAT_FORMATS, build_prompt
+        from r1v_quant.model.prompts import CHAT_FORMATS, build_prompt, image_placeholder
         from r1v_quant.model.tokenizer import R1VTokenizer
 
         self.tok = R1VTokenizer.from_dir(model_dir)

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from r1v_quant.model.preprocess import ImageSource, expand_image_placeholders
-from r1v_quant.model.prompts import IMAGE_PLACEHOLDER, build_prompt, place_images
+from r1v_quant.model.preprocess import ImageSource
+from r1v_quant.model.prompts import IMAGE_PLACEHOLDER, build_prompt, expand_image_tokens, place_images
 from r1v_quant.runtime.sampling import RuntimeResult
 from r1v_quant.util.errors import R1VError
 
@@ -96,7 +96,7 @@ def conversation_ids(
     """Token ids of `messages` in the flavour's template, the k-th `<image>` expanded for `images[k]`."""
     text = build_prompt(flavor, messages, think=think)
     per_tile = images[0].tokens_per_tile if images else 1
-    return tokenize(expand_image_placeholders(text, [im.tiles for im in images], per_tile))
+    return tokenize(expand_image_tokens(text, [im.tiles for im in images], per_tile))
 
 
 def with_images(messages: Sequence[Mapping[str, Any]], n_images: int) -> list[dict[str, Any]]:
