@@ -182,20 +182,32 @@ def autoawq_unpack(qweight, qzeros, scales, g):
     return ((w - np.repeat(z, g, axis=0)) * np.repeat(scales.astype(np.float32), g, axis=0)).T  # [out, in]
 
 ckpt = open_checkpoint(src)
+L = "language_model.model.layers.0"
+
+def awq_tensor(name):
+    with safe_open(f"{awq}/{index[name]}", "pt") as f:
+        return f.get_tensor(name)
+
+# AWQ folds each input-channel scale s into the producer: norm_awq = norm / s, so the stored linear holds
+# W * s (columns). Its 16-bit counterpart is therefore W * (norm / norm_awq); down_proj's scale sits in
+# up_proj's quantized rows, so it has no exact 16-bit counterpart and is compared for identity only.
+norm_of = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+           "mlp.gate_proj": "post_attention_layernorm"}
 rows = {}
 for lin in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj", "mlp.gate_proj"):
-    p = f"language_model.model.layers.0.{lin}"
-    t = {}
-    for k in ("qweight", "qzeros", "scales"):
-        with safe_open(f"{awq}/{index[p + '.' + k]}", "pt") as f:
-            t[k] = f.get_tensor(f"{p}.{k}")
+    p = f"{L}.{lin}"
+    t = {k: awq_tensor(f"{p}.{k}") for k in ("qweight", "qzeros", "scales")}
     g = t["qweight"].shape[0] // t["scales"].shape[0]
     theirs = autoawq_unpack(t["qweight"].numpy(), t["qzeros"].numpy(), t["scales"].numpy(), g)
     ours = dequantize_awq(t["qweight"], t["qzeros"], t["scales"]).numpy()
-    w = ckpt.get(p + ".weight").float().numpy()
-    rows[lin] = {"max_abs_diff_vs_r1v_loader": float(np.abs(theirs - ours).max()),
-                 "identical": bool(np.array_equal(theirs.astype(np.float16), ours.astype(np.float16))),
-                 "rel_rms_error_vs_16bit": float(np.sqrt(((theirs - w) ** 2).mean() / (w ** 2).mean()))}
+    row = {"max_abs_diff_vs_r1v_loader": float(np.abs(theirs - ours).max()),
+           "identical": bool(np.array_equal(theirs.astype(np.float16), ours.astype(np.float16)))}
+    if lin in norm_of:
+        norm = f"{L}.{norm_of[lin]}.weight"
+        s = (ckpt.get(norm).float() / awq_tensor(norm).float()).numpy()
+        w = ckpt.get(p + ".weight").float().numpy() * s[None, :]
+        row["rel_rms_error_vs_scaled_16bit"] = float(np.sqrt(((theirs - w) ** 2).mean() / (w ** 2).mean()))
+    rows[lin] = row
 print(json.dumps(rows))
 """
 
@@ -422,7 +434,7 @@ def main() -> None:
                     shutil.rmtree(work / f"gguf-{t}", ignore_errors=True)
         # the 38B figures from these measurements: at this machine's matmul rate and at 1 TFLOP/s, with the
         # planner's current factors and with the ones measured here
-        import calibration.job_plan as jp
+        import r1v_quant.calibration.job_plan as jp
 
         rate = res.get("layer_forward", {}).get("matmul_gflops")
         res["estimate_38b"] = {"planner_factors": {"assumed_1tflops": estimate_38b(1000.0)}}
