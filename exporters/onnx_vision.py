@@ -33,7 +33,9 @@ from torch import nn
 
 from r1v_quant import __version__
 from r1v_quant.model.checkpoint import Checkpoint, open_checkpoint
-from r1v_quant.model.preprocess import IMAGE_TAG, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START
+from r1v_quant.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from r1v_quant.model.prompts import IMAGE_PLACEHOLDER as IMAGE_TAG
+from r1v_quant.model.prompts import IMG_CONTEXT, IMG_END, IMG_START
 from r1v_quant.model.spec import ModelSpec
 from r1v_quant.model.vision import Projector, VisionModel, extract_feature
 from r1v_quant.util.atomic import atomic_dir, check_output_dir

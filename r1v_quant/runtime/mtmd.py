@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from r1v_quant.model.preprocess import IMG_END, IMG_START, ImageSource, dynamic_tiles, open_image
+from r1v_quant.model.preprocess import ImageSource, dynamic_tiles, open_image
+from r1v_quant.model.prompts import IMG_END, IMG_START
 from r1v_quant.model.qwen2_vocab import bytes_to_unicode
 from r1v_quant.model.spec import ModelSpec
 from r1v_quant.runtime.gguf_lib import Closeable, free_handle, llama_log, write_header
