@@ -289,8 +289,8 @@ class Demo:
     def ask(self) -> dict[str, Any]:
         """The blue circle to every engine (16-bit, AWQ, GGUF), the photo to the 16-bit model and the GGUF."""
         from r1v_quant.data.synthdata import render_shape
-        from r1v_quant.runtime.engines import LlamaCppLM, MmprojVision
-        from r1v_quant.runtime.llamacpp import LlamaCppRuntime
+        from r1v_quant.runtime.engines import open_engines
+        from r1v_quant.runtime.options import RuntimeOptions
         from r1v_quant.runtime.session import answer, answer_checkpoint
 
         with atomic_dir(self.out / "images") as tmp:
@@ -313,8 +313,9 @@ class Demo:
                             "correct": None if want is None else want in r["answer"],
                             "gate_passed": gates.get(artifact) if artifact else None, **r})  # fmt: skip
 
-        rt = LlamaCppRuntime(self.gguf, self.mmproj, n_ctx=4096, n_threads=self.threads)
-        lm = LlamaCppLM(rt)
+        lm, vision = open_engines(
+            gguf=self.gguf, mmproj=self.mmproj, options=RuntimeOptions(n_threads=self.threads), n_ctx=4096
+        )
         try:
             for image, q, want in questions:
                 click.echo(f"    Q: <image> {q}   ({image.name})", err=True)
@@ -323,7 +324,7 @@ class Demo:
                 if want is not None:  # the photo has no right answer to compare quantized engines on
                     r = answer_checkpoint(self.awq, q, [image], max_new_tokens=96)
                     record("torch AWQ int4", self.awq.name, image, q, want, _brief(r))
-                r = _brief(answer(lm, MmprojVision(rt), q, [image], max_new_tokens=96))
+                r = _brief(answer(lm, vision, q, [image], max_new_tokens=96))
                 record(f"llama.cpp {GGUF_TYPE}", self.gguf.stem, image, q, want, r)  # check's row name
         finally:
             lm.close()

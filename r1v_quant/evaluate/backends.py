@@ -220,20 +220,15 @@ class LlamaCppBackend:
         n_gpu_layers: int = 0,
         max_tiles: int | None = None,
     ):
-        from r1v_quant.runtime.engines import LlamaCppLM, MmprojVision
-        from r1v_quant.runtime.llamacpp import LlamaCppRuntime
+        from r1v_quant.runtime.engines import open_engines
 
         self.artifact = artifact
-        self.rt = LlamaCppRuntime(
-            artifact.llm_gguf,
-            artifact.mmproj_gguf,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers,
-            max_tiles=max_tiles,
+        if artifact.llm_gguf is None:
+            raise R1VError(f"{artifact.path}: no language-model GGUF")
+        options = RuntimeOptions(n_threads=n_threads, n_gpu_layers=n_gpu_layers, max_tiles=max_tiles)
+        self.lm, self.vision = open_engines(
+            gguf=artifact.llm_gguf, mmproj=artifact.mmproj_gguf, options=options, n_ctx=n_ctx
         )
-        self.lm = LlamaCppLM(self.rt)
-        self.vision = MmprojVision(self.rt) if artifact.mmproj_gguf is not None else None
 
     def tokenize(self, text: str) -> list[int]:
         return self.lm.tokenize(text)
