@@ -155,3 +155,72 @@ def test_nothing_imports_the_command_line() -> None:
 def test_click_only_in_commands() -> None:
     users = {m for m, p in MODULES.items() if _uses_click(p)}
     assert {m for m in users if layer(m) != "cli"} == CLICK_OUTSIDE_COMMANDS
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments, imports; inside top-level if / try
+    blocks too, e.g. TYPE_CHECKING imports)."""
+    names: set[str] = set()
+
+    def walk(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, ast.AnnAssign | ast.AugAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, ast.If | ast.Try | ast.With):
+                walk(node.body)
+                for extra in (getattr(node, "orelse", []), getattr(node, "finalbody", [])):
+                    walk(extra)
+                for h in getattr(node, "handlers", []):
+                    walk(h.body)
+
+    walk(ast.parse(path.read_text(encoding="utf-8")).body)
+    return names
+
+
+def _missing_names(path: Path, package: str) -> list[str]:
+    """`from <one of ours> import X` where X is neither a submodule nor a name that module defines."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join(parts + ([base] if base else []))
+        if base not in MODULES:
+            continue
+        defined = _top_level_names(MODULES[base])
+        out += [
+            f"{path.name}:{node.lineno} {base}.{a.name}"
+            for a in node.names
+            if a.name != "*" and a.name not in defined and f"{base}.{a.name}" not in MODULES
+        ]
+    return out
+
+
+def test_every_imported_name_exists(tmp_path: Path) -> None:
+    """A name moved or removed from one of our modules breaks its importers only when they run; read every
+    `from ... import` of ours (lazy ones, tests and benches included) against what the module defines."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from r1v_quant.model.prompts import IMG_END, place_images\n"
+        "def f():\n    from r1v_quant.model.preprocess import IMG_END, open_image\n"
+        "from r1v_quant.runtime import engines, no_such_module\n"
+    )
+    assert sorted(_missing_names(probe, "tests")) == [
+        "probe.py:3 r1v_quant.model.preprocess.IMG_END",
+        "probe.py:4 r1v_quant.runtime.no_such_module",
+    ]
+    missing = []
+    for name, path in MODULES.items():
+        missing += _missing_names(path, name if path.stem == "__init__" else name.rsplit(".", 1)[0])
+    for folder in ("tests", "bench"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            missing += _missing_names(path, folder)
+    assert missing == []
