@@ -448,17 +448,37 @@ def _search_scales(
             out.append(_weighted_mse(pred, target, w))
         return out
 
+    def screened(idx: list[int]) -> list[float]:
+        rows = lt.screen_rows(screen, cfg.screen_tokens)
+        return scores(idx, lt.subset(rows), rows, w_all[rows])
+
     try:
-        finalists = list(range(len(candidates)))
-        if screen is not None and len(candidates) > cfg.screen_keep + 1:
-            rows = lt.screen_rows(screen, cfg.screen_tokens)
-            first = scores(finalists, lt.subset(rows), rows, w_all[rows])
-            ranked = sorted(range(1, len(candidates)), key=lambda i: (first[i], i))  # ties: grid order
-            finalists = [0, *sorted(ranked[: cfg.screen_keep])]
-        final = scores(finalists, lt, None, w_all)
+        return pick_scale(
+            candidates,
+            lambda idx: scores(idx, lt, None, w_all),
+            screened if screen is not None else None,
+            cfg.screen_keep,
+        )
     finally:
         for n in g.linears:
             _get(layer, n).weight.copy_(originals[n])
+
+
+def pick_scale(
+    candidates: list[tuple[str, float, torch.Tensor]],
+    full: Callable[[list[int]], list[float]],
+    screened: Callable[[list[int]], list[float]] | None,
+    keep: int,
+) -> tuple[torch.Tensor, dict]:
+    """The candidate with the lowest `full` loss, and its report. With `screened`, every candidate is first
+    scored cheaply and only plain rounding (candidate 0, always) and the `keep` best go on to `full`;
+    ties go to grid order. The decoder and the vision searches share this rule."""
+    finalists = list(range(len(candidates)))
+    if screened is not None and len(candidates) > keep + 1:
+        first = screened(finalists)
+        ranked = sorted(range(1, len(candidates)), key=lambda i: (first[i], i))
+        finalists = [0, *sorted(ranked[:keep])]
+    final = full(finalists)
     best = min(range(len(finalists)), key=lambda i: (final[i], i))
     kind, r, s = candidates[finalists[best]]
     return s, {"kind": kind, "ratio": r, "loss": final[best], "loss_rtn": final[0],

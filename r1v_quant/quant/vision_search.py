@@ -47,6 +47,7 @@ from r1v_quant.quant.awq_search import (
     _quantize_clipped,
     _round_params_fp16,
     _search_clip,
+    pick_scale,
     scale_candidates,
 )
 from r1v_quant.util.errors import R1VError
@@ -195,20 +196,16 @@ def _search_scales(
             out.append(_mse(*_group_output(layer, g, f, tiles), w))
         return out
 
-    n = f.x.shape[0]
+    def screened(idx: list[int]) -> list[float]:
+        return scores(idx, slice(0, knobs.screen_tiles))
+
+    screen = 0 < knobs.screen_tiles < f.x.shape[0]
     try:
-        finalists = list(range(len(candidates)))
-        if 0 < knobs.screen_tiles < n and len(candidates) > knobs.screen_keep + 1:
-            first = scores(finalists, slice(0, knobs.screen_tiles))
-            ranked = sorted(range(1, len(candidates)), key=lambda i: (first[i], i))
-            finalists = [0, *sorted(ranked[: knobs.screen_keep])]
-        final = scores(finalists, slice(None))
+        return pick_scale(
+            candidates, lambda idx: scores(idx, slice(None)), screened if screen else None, knobs.screen_keep
+        )
     finally:
         lin.weight.copy_(original)
-    best = min(range(len(finalists)), key=lambda i: (final[i], i))
-    kind, r, s = candidates[finalists[best]]
-    return s, {"kind": kind, "ratio": r, "loss": final[best], "loss_rtn": final[0],
-               "scored": [len(candidates), len(finalists)]}  # fmt: skip
 
 
 @torch.no_grad()
