@@ -49,6 +49,7 @@ from r1v_quant.plan.roofline import vision_flops_per_tile
 from r1v_quant.quant.awq_search import AWQConfig
 from r1v_quant.util.errors import R1VError
 from r1v_quant.util.outputs import human_bytes
+from r1v_quant.util.proc import proc_status
 
 # -- the constants that are not derived from the model ------------------------------------------------------
 # Memory the auto budget leaves free: estimation error of the working-set terms, allocator fragmentation
@@ -874,20 +875,9 @@ def plan_job(
     )
 
 
-def _proc_status(key: str) -> int | None:
-    """A memory line of /proc/self/status in bytes (Linux); None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def current_rss_bytes() -> int | None:
     """VmRSS of this process (Linux); None elsewhere."""
-    return _proc_status("VmRSS")
+    return proc_status("VmRSS")
 
 
 def peak_rss_bytes() -> int:
@@ -897,7 +887,7 @@ def peak_rss_bytes() -> int:
     import resource
     import sys
 
-    hwm = _proc_status("VmHWM")
+    hwm = proc_status("VmHWM")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -27,6 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from r1v_quant.util.proc import proc_status
+
 FILLER = (
     "A train leaves the station at nine and travels north at sixty kilometres per hour while a second "
     "train leaves an hour later on the same line at ninety kilometres per hour; the table lists the "
@@ -36,17 +38,6 @@ FILLER = (
 
 
 # -- memory ------------------------------------------------------------------------------------------------
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class MemoryProbe:
     """Peak resident memory (and CUDA memory) per phase, relative to a baseline."""
 
@@ -72,11 +63,11 @@ class MemoryProbe:
 
     @staticmethod
     def rss() -> int:
-        return _status("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return proc_status("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     @staticmethod
     def hwm() -> int:
-        return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def start(self) -> None:
         gc.collect()
