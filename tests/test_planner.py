@@ -4,6 +4,7 @@ sizes, and (slow) its predictions against the profiler's measurements on the tin
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,39 @@ def test_gguf_artifact_repacked_bytes(gguf_dirs: dict[str, Path]) -> None:
     p = plan(model=gguf_dirs["Q4_K_M"], devices=["cpu:4GB"], ctx=1024, kv_type="f16")
     row = p["devices"][0]["configs"][0]
     assert {t["name"] for t in row["terms"]} >= {"kv_cache", "compute_buffer", "vision.compute_buffer"}
+
+
+@pytest.mark.llamacpp
+def test_gguf_header_is_read_once_per_file_version(
+    gguf_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gguf package parses every header field eagerly (seconds for a 151k vocabulary) and a model
+    card's commands describe the same files several times: one read per file version, not per call."""
+    import gguf
+
+    src = gguf_dirs["Q8_0"]
+    d = tmp_path / "g"
+    shutil.copytree(src, d)
+    reads: list[str] = []
+    real = gguf.GGUFReader
+
+    def counting(path: Path, *a: object, **k: object) -> object:
+        reads.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    first = describe_artifact(d)
+    first.extra["mutated"] = True  # callers own their copy (eval's preflight writes into `extra`)
+    again = describe_artifact(d)
+    assert len(reads) == 2 and "mutated" not in again.extra  # language model + mmproj, once
+    assert again.geometry == first.geometry and again.gguf_tokens == first.gguf_tokens
+    # a rewritten file (outputs are replaced atomically: a new inode) is read again, with its new contents
+    llm = first.llm_gguf
+    tmp = llm.with_suffix(".new")
+    shutil.copyfile(gguf_dirs["Q4_K_M"] / "tiny-Q4_K_M.gguf", tmp)
+    tmp.replace(llm)
+    third = describe_artifact(d)
+    assert len(reads) == 4 and third.llm_format == "Q4_K_M" and first.llm_format == "Q8_0"
 
 
 # -- planner vs profiler on every artifact kind -----------------------------------------------

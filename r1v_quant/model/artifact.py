@@ -17,6 +17,8 @@ mmproj.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,8 +325,37 @@ def _file_type(reader: Any) -> Any:
         return None
 
 
+def _file_identity(path: Path | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _gguf_artifact(
     path: Path, llm: Path, mmproj: Path | None, name: str | None, *, geometry: bool
+) -> Artifact:
+    """The description of a GGUF pair, read once per file version in a process: the gguf package parses
+    every header field eagerly (a 151k-token vocabulary takes seconds), and a model card's planned commands
+    describe the same files several times. Callers get their own copy of the mutable parts."""
+    art = _read_gguf_artifact(
+        path, llm, _file_identity(llm), mmproj, _file_identity(mmproj), name, geometry=geometry
+    )
+    return dataclasses.replace(
+        art, stored=dict(art.stored), extra=dict(art.extra), gguf_tokens=list(art.gguf_tokens or [])
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_gguf_artifact(
+    path: Path,
+    llm: Path,
+    llm_id: tuple[int, int, int] | None,  # part of the cache key: a rewritten file is reread
+    mmproj: Path | None,
+    mmproj_id: tuple[int, int, int] | None,
+    name: str | None,
+    *,
+    geometry: bool,
 ) -> Artifact:
     r = _gguf_reader(llm)
     arch = _field(r, "general.architecture")
