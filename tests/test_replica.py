@@ -85,7 +85,12 @@ def test_build_records_what_the_replica_learned(tiny_dir: Path) -> None:
     assert sum(report["seconds_training"].values()) <= report["seconds"]
 
 
-def test_a_build_that_misses_its_threshold_is_refused(tmp_path: Path) -> None:
+def test_a_build_that_misses_its_threshold_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import r1v_quant.replica.train as train
+
+    monkeypatch.setattr(train, "MAX_NEW", 8)  # the check at the cap: an untrained model rambles to the limit
     r = CliRunner().invoke(main, ["tiny", str(tmp_path / "y"), "--steps", "2"])
     last = r.stderr.splitlines()[-1]  # after the progress bar
     assert r.exit_code != 0 and last.startswith("error: training stopped at the 2-step cap below")
