@@ -24,6 +24,7 @@ pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from r1v_quant.cli.main import main  # noqa: E402
+from r1v_quant.data.synthdata import render_shape  # noqa: E402
 from r1v_quant.model.prompts import CHAT_FORMATS, MTMD_MARKER, build_prompt, render_chat_template  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
@@ -160,12 +161,14 @@ def server(f16_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _bench(tmp: Path) -> Path:
-    """Arithmetic and colour questions (448 x 448 pictures), generic JSONL."""
+    """Arithmetic and colour questions, generic JSONL. The pictures and the wording are those the replica's
+    build verifies greedily (its probe pictures): off them a trained model is unsure, and a near-tie flips
+    between two llama.cpp call paths (in-process and server batch the prompt differently) on some CPUs."""
     (tmp / "img").mkdir()
     rows = []
-    for k, (color, answer) in enumerate([("red", "red"), ("blue", "blue"), ("green", "green")]):
-        (tmp / "img" / f"{k}.png").write_bytes(_picture(color))
-        rows.append({"id": f"i{k}", "question": "What colour is the shape? <image>", "answer": answer,
+    for k, color in enumerate(["red", "blue", "green"]):
+        render_shape(color, "circle").save(tmp / "img" / f"{k}.png")
+        rows.append({"id": f"i{k}", "question": "What color is the shape in the image?", "answer": color,
                      "image": f"img/{k}.png", "category": "image"})  # fmt: skip
     for k, (a, b) in enumerate([(2, 3), (7, 5), (12, 4)]):
         rows.append({"id": f"t{k}", "question": f"What is {a} + {b}?", "answer": str(a + b),
